@@ -1,0 +1,15 @@
+"""GET /: the upload page."""
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
+from ..deps import StateDep
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/", response_class=HTMLResponse)
+def index(request: Request, state: StateDep):
+    model = state.model.describe() if state.model else None
+    return request.app.state.templates.TemplateResponse(
+        request, "index.html", {"model": model, "problem": state.problem})

@@ -1,0 +1,38 @@
+"""Service settings, read from ``SEGMENT_*`` environment variables (and a ``.env`` file if present)."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "camvid_bisenetv2"
+# Where templates/, static/ and the bundled engines/ live (the project is installed in editable mode).
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; README's configuration table lists them."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGMENT_", env_file=".env", extra="ignore")
+
+    engines_dir: Path = Field(PROJECT_ROOT / "engines", description="Model repository: ONNX files, engines, metadata JSON.")
+    model: str = Field(DEFAULT_MODEL, description="Served model: a file name or stem inside engines_dir.")
+    backend: Literal["auto", "tensorrt", "onnxruntime"] = Field(
+        "auto", description="auto: TensorRT for .engine/.plan files, ONNX Runtime for .onnx.")
+    ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per CPU core).")
+    ort_providers: str = Field(
+        "auto", description="auto (CUDA when onnxruntime-gpu sees a GPU, else CPU) or a comma list, e.g. cpu.")
+    admin_token: SecretStr | None = Field(None, description="Bearer token for admin routes.")
+    max_upload_bytes: int = Field(25 * 2**20, gt=0, description="Largest accepted upload (413 beyond).")
+    max_pixels: int = Field(50_000_000, gt=0, description="Largest accepted image, width x height (413 beyond).")
+    max_dynamic_side: int = Field(2048, ge=32, description="Longest side fed to a model with dynamic H/W.")
+    png_compression: int = Field(1, ge=0, le=9, description="PNG compression level of responses (1: fast).")
+    log_level: str = Field("info", description="Server log level.")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Process-wide settings (tests build their own and pass them to ``create_app``)."""
+    return Settings()

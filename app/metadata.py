@@ -1,0 +1,85 @@
+"""Per-model metadata: the JSON file beside each model in the repository (``NAME.onnx`` + ``NAME.json``)."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from .classes import DATASETS
+
+
+class ModelMeta(BaseModel):
+    """What the service needs to know about a model beyond its graph; Cityscapes defaults when absent."""
+
+    dataset: str = "cityscapes"
+    arch: str | None = None
+    num_classes: int | None = Field(None, ge=1)
+    class_names: list[str] = Field(default_factory=list)
+    palette: list[tuple[int, int, int]] = Field(default_factory=list)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    input_size: tuple[int, int] | None = Field(None, description="[H, W] the model was exported for")
+    input_format: str = Field("float_nchw", description="float_nchw (normalised) or uint8 (raw pixels)")
+    trained: bool = True
+    source_sha256: str | None = None
+    description: str | None = None
+    extra: dict = Field(default_factory=dict, description="free-form fields (export options, training summary)")
+
+    @model_validator(mode="after")
+    def _fill_from_dataset(self):
+        names, palette, mean, std = DATASETS.get(self.dataset, DATASETS["cityscapes"])
+        if self.mean is None:
+            self.mean = mean
+        if self.std is None:
+            self.std = std
+        if not self.class_names:
+            self.class_names = list(names)
+        if not self.palette:
+            self.palette = list(palette)
+        if self.num_classes is None:
+            self.num_classes = len(self.class_names)
+        return self
+
+
+class MetadataError(ValueError):
+    """A metadata file exists but cannot be used."""
+
+
+def meta_path(model_path: Path) -> Path:
+    """The metadata file that belongs to ``model_path``."""
+    return model_path.with_suffix(".json")
+
+
+def load_meta(model_path: Path) -> ModelMeta:
+    """Read the metadata beside ``model_path``; Cityscapes defaults when there is none."""
+    path = meta_path(model_path)
+    if not path.exists():
+        return ModelMeta()
+    try:
+        return ModelMeta.model_validate(json.loads(path.read_text()))
+    except (ValueError, ValidationError) as exc:
+        raise MetadataError(f"{path.name}: invalid metadata ({exc})") from exc
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_meta(model_path: Path, meta: ModelMeta) -> Path:
+    """Write the metadata beside ``model_path`` atomically; returns its path."""
+    path = meta_path(model_path)
+    write_atomic(path, (meta.model_dump_json(indent=2) + "\n").encode())
+    return path

@@ -1,0 +1,278 @@
+"""One segmentation model behind a Polygraphy runner, whatever the backend.
+
+``.onnx`` files run through ``OnnxrtRunner`` (CUDA provider when onnxruntime-gpu sees a GPU, else CPU);
+``.engine``/``.plan``/``.trt`` files through ``TrtRunner``, imported only when such a file is loaded.
+The model's contract (input name, layout, size, output kind) is read from the model itself.
+"""
+
+import logging
+import platform
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .classes import generated_palette
+from .metadata import ModelMeta, load_meta
+
+log = logging.getLogger("segment.runner")
+
+ONNX_SUFFIXES = (".onnx",)
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+MODEL_SUFFIXES = ONNX_SUFFIXES + ENGINE_SUFFIXES
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+TENSORRT_HINT = ("TensorRT is not installed here. On an NVIDIA GPU host install it with "
+                 "`pip install '.[tensorrt]'`, or run the GPU Docker image; ONNX models keep working "
+                 "through ONNX Runtime meanwhile.")
+
+
+class ModelError(ValueError):
+    """The model file cannot be served; the message says why in plain words."""
+
+
+class TensorRTUnavailable(ModelError):
+    """A TensorRT engine was asked for where the ``tensorrt`` package is missing."""
+
+    def __init__(self, detail: str = TENSORRT_HINT):
+        super().__init__(detail)
+
+
+def tensorrt_available() -> bool:
+    """Whether the ``tensorrt`` Python package can be imported (it is never imported at start-up)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def resolve_model_path(engines_dir: Path, name: str) -> Path:
+    """The model file called ``name`` (stem or file name) inside ``engines_dir``, never outside it."""
+    if not NAME_RE.match(name) or ".." in name:
+        raise ModelError(f"invalid model name {name!r}: use letters, digits, '.', '_' and '-' only")
+    root = engines_dir.resolve()
+    candidates = [engines_dir / name] if name.endswith(MODEL_SUFFIXES) else [
+        engines_dir / f"{name}{s}" for s in MODEL_SUFFIXES]
+    for path in candidates:
+        if path.is_file():
+            if path.resolve().parent != root:  # a symlink pointing out of the repository
+                raise ModelError(f"{name!r} resolves outside the model repository")
+            return path
+    raise ModelError(f"no model called {name!r} in {engines_dir} (looked for {', '.join(c.name for c in candidates)})")
+
+
+class OrtSessionLoader:
+    """Polygraphy-style loader: a callable that builds an ONNX Runtime session with our options."""
+
+    def __init__(self, path: Path, providers: str = "auto", threads: int = 0):
+        self.path, self.providers, self.threads = path, providers, threads
+
+    def resolved_providers(self) -> list[str]:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if self.providers == "auto":
+            wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            wanted = [p.strip() for p in self.providers.split(",") if p.strip()]
+        chosen = []
+        for want in wanted:
+            match = next((a for a in available if want.lower() in a.lower()), None)
+            if match and match not in chosen:
+                chosen.append(match)
+        return chosen or ["CPUExecutionProvider"]
+
+    def __call__(self):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        opts.log_severity_level = 3
+        return ort.InferenceSession(str(self.path), sess_options=opts, providers=self.resolved_providers())
+
+
+def check_onnx_graph(path: Path) -> None:
+    """Refuse ONNX graphs we know cannot run here, with the fix, before ONNX Runtime says it obscurely."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # protobuf raises several types
+        raise ModelError(f"{path.name} is not a readable ONNX model ({exc.__class__.__name__})") from exc
+    if any(node.op_type == "CustomArgMax" for node in graph.node):
+        raise ModelError(
+            f"{path.name} uses upstream's CustomArgMax op (exported in 'pred' mode), which needs upstream's "
+            "TensorRT plugin. Re-export it with upstream's `tools/export_onnx.py --aux-mode eval`, or with "
+            "`segment export` here.")
+
+
+def cpu_name() -> str:
+    """The CPU model, for reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def make_runner(path: Path, backend: str = "auto", providers: str = "auto", threads: int = 0):
+    """The Polygraphy runner for ``path`` (not yet activated) and a short backend name."""
+    suffix = path.suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        if backend == "tensorrt":
+            raise ModelError(f"{path.name} is an ONNX model but backend=tensorrt: compile it first "
+                             "(`segment compile` or POST /engines)")
+        from polygraphy.backend.onnxrt import OnnxrtRunner
+
+        check_onnx_graph(path)
+        return OnnxrtRunner(OrtSessionLoader(path, providers, threads), name=path.stem), "onnxruntime"
+    if suffix in ENGINE_SUFFIXES:
+        if backend == "onnxruntime":
+            raise ModelError(f"{path.name} is a TensorRT engine but backend=onnxruntime")
+        if not tensorrt_available():
+            raise TensorRTUnavailable()
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        return TrtRunner(EngineFromBytes(BytesFromPath(str(path))), name=path.stem), "tensorrt"
+    raise ModelError(f"{path.name}: unknown model type (expected one of {', '.join(MODEL_SUFFIXES)})")
+
+
+@dataclass
+class SegmentationModel:
+    """An activated runner plus the contract read from it. ``infer`` is thread-safe."""
+
+    name: str
+    path: Path
+    meta: ModelMeta
+    runner: object
+    backend: str
+    device: str
+    input_name: str
+    input_dtype: np.dtype
+    input_hw: tuple[int | None, int | None]  # None where the dimension is dynamic
+    batch_dynamic: bool
+    output_kind: str = "labels"  # "labels" ([N,H,W] ints) or "logits" ([N,C,H,W] floats)
+    num_classes: int = 0
+    palette: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.uint8))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def dynamic_hw(self) -> bool:
+        return None in self.input_hw
+
+    @property
+    def uint8_input(self) -> bool:
+        return self.input_dtype == np.uint8
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Run one batch (NCHW float32, or NHWC uint8 for raw-pixel models); labels [N,H,W] uint8/int32."""
+        with self._lock:  # runners are not thread-safe, and reuse their output buffers
+            out = next(iter(self.runner.infer({self.input_name: batch}, check_inputs=False).values()))
+            out = np.asarray(out)
+            if self.output_kind == "logits":
+                out = out.argmax(axis=1)
+            else:
+                out = out.reshape(out.shape[0], out.shape[-2], out.shape[-1]).copy()
+        return out.astype(np.uint8 if self.num_classes <= 256 else np.int32, copy=False)
+
+    def describe(self) -> dict:
+        """JSON-ready summary for /models/active and reports."""
+        h, w = self.input_hw
+        return {
+            "name": self.name, "file": self.path.name, "backend": self.backend, "device": self.device,
+            "input": {"name": self.input_name, "dtype": str(self.input_dtype),
+                      "height": h, "width": w, "dynamic_hw": self.dynamic_hw, "dynamic_batch": self.batch_dynamic},
+            "output_kind": self.output_kind, "num_classes": self.num_classes,
+            "precision": self.meta.extra.get("precision", "fp32"),
+            "metadata": self.meta.model_dump(),
+        }
+
+    def close(self) -> None:
+        """Deactivate the runner, releasing its session or engine."""
+        with self._lock:
+            if getattr(self.runner, "is_active", False):
+                self.runner.deactivate()
+
+
+def _dim(value) -> int | None:
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def load_model(path: Path, backend: str = "auto", providers: str = "auto", threads: int = 0) -> SegmentationModel:
+    """Load, activate and dry-run the model at ``path``; :class:`ModelError` says why it cannot serve."""
+    meta = load_meta(path)
+    runner, backend_name = make_runner(path, backend, providers, threads)
+    try:
+        runner.activate()
+    except ModelError:
+        raise
+    except Exception as exc:  # ONNX Runtime / TensorRT raise their own types for bad files
+        raise ModelError(f"{path.name} could not be loaded by {backend_name}: {exc}") from exc
+    try:
+        model = _inspect(path, meta, runner, backend_name)
+    except Exception:
+        runner.deactivate()
+        raise
+    log.info("loaded %s (%s on %s): input %s %s, %s output, %d classes%s", model.name, backend_name,
+             model.device, model.input_hw, model.input_dtype, model.output_kind, model.num_classes,
+             "" if meta.trained else " [UNTRAINED WEIGHTS]")
+    return model
+
+
+def _device_of(runner, backend: str) -> str:
+    if backend == "onnxruntime":
+        providers = runner.sess.get_providers()
+        return "cuda" if providers and providers[0] == "CUDAExecutionProvider" else f"cpu ({cpu_name()})"
+    return "cuda"
+
+
+def _inspect(path: Path, meta: ModelMeta, runner, backend: str) -> SegmentationModel:
+    from polygraphy.datatype import DataType
+
+    inputs = runner.get_input_metadata(use_numpy_dtypes=False)
+    if len(inputs) != 1:
+        raise ModelError(f"{path.name} has {len(inputs)} inputs; a segmentation model takes one image tensor")
+    input_name, tmeta = next(iter(inputs.items()))
+    dtype = np.dtype(DataType.to_dtype(tmeta.dtype, "numpy"))
+    shape = list(tmeta.shape)
+    if len(shape) != 4:
+        raise ModelError(f"{path.name}: input {input_name!r} has shape {shape}; expected 4-D [N,3,H,W]")
+    uint8_nhwc = dtype == np.uint8 and shape[3] == 3
+    if uint8_nhwc:
+        hw = (_dim(shape[1]), _dim(shape[2]))
+    elif dtype == np.float32 and shape[1] == 3:
+        hw = (_dim(shape[2]), _dim(shape[3]))
+    else:
+        raise ModelError(f"{path.name}: input {input_name!r} is {dtype} {shape}; expected float32 [N,3,H,W] "
+                         "or uint8 [N,H,W,3]")
+    model = SegmentationModel(name=path.stem, path=path, meta=meta, runner=runner, backend=backend,
+                              device=_device_of(runner, backend), input_name=input_name, input_dtype=dtype,
+                              input_hw=hw, batch_dynamic=_dim(shape[0]) is None)
+    # Dry run: proves the model executes, and tells logits from labels by what comes out.
+    h = hw[0] or (meta.input_size[0] if meta.input_size else 64)
+    w = hw[1] or (meta.input_size[1] if meta.input_size else 64)
+    probe = np.zeros((1, h, w, 3), np.uint8) if uint8_nhwc else np.zeros((1, 3, h, w), np.float32)
+    try:
+        out = np.asarray(next(iter(runner.infer({input_name: probe}).values())))
+    except Exception as exc:
+        raise ModelError(f"{path.name} failed a dry run at {h}x{w}: {exc}") from exc
+    if np.issubdtype(out.dtype, np.floating) and out.ndim == 4 and out.shape[1] > 1:
+        model.output_kind, model.num_classes = "logits", int(out.shape[1])
+    elif np.issubdtype(out.dtype, np.integer) and (out.ndim == 3 or (out.ndim == 4 and out.shape[1] == 1)):
+        model.output_kind, model.num_classes = "labels", int(meta.num_classes)
+    else:
+        raise ModelError(f"{path.name}: output {out.dtype} {list(out.shape)} is neither logits [N,C,H,W] "
+                         "nor labels [N,H,W]")
+    if out.shape[-2:] != (h, w):
+        raise ModelError(f"{path.name}: output is {out.shape[-2]}x{out.shape[-1]} for a {h}x{w} input; "
+                         "expected full-resolution predictions")
+    palette = list(meta.palette)
+    if len(palette) < model.num_classes:  # more classes than named colours: extend, never index out of range
+        palette += generated_palette(model.num_classes)[len(palette):]
+    model.palette = np.asarray(palette, np.uint8)
+    return model
