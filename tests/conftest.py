@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny ONNX models whose right answer is known, built with onnx.helper."""
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from fastapi.testclient import TestClient
+from onnx import TensorProto, helper
+
+from app.core.config import Settings
+from app.main import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+SAMPLE = ROOT / "benchmarks" / "data" / "cityscapes_example.png"
+
+# "RGB argmax" models: the class of a pixel is its strongest colour channel (0 red, 1 green, 2 blue).
+# With mean 0.5 and std 0.5 the normalised input keeps that order, so the right answer is known exactly.
+RGB_META = {"dataset": "custom", "class_names": ["red", "green", "blue"],
+            "palette": [[200, 10, 10], [10, 200, 10], [10, 10, 200]],
+            "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "trained": False}
+
+
+def rgb_model(path: Path, output: str = "labels", height: int | str = 64, width: int | str = 64,
+              label_dtype=TensorProto.UINT8, meta: dict | None = RGB_META, opset: int = 17) -> Path:
+    """Write an ONNX model: input_image [N,3,H,W] -> labels [N,H,W] (ArgMax+Cast) or logits (Identity)."""
+    x = helper.make_tensor_value_info("input_image", TensorProto.FLOAT, ["N", 3, height, width])
+    if output == "labels":
+        nodes = [helper.make_node("ArgMax", ["input_image"], ["idx"], axis=1, keepdims=0),
+                 helper.make_node("Cast", ["idx"], ["preds"], to=label_dtype)]
+        y = helper.make_tensor_value_info("preds", label_dtype, ["N", height, width])
+    else:
+        nodes = [helper.make_node("Identity", ["input_image"], ["preds"])]
+        y = helper.make_tensor_value_info("preds", TensorProto.FLOAT, ["N", 3, height, width])
+    graph = helper.make_graph(nodes, "rgb_argmax", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    if meta is not None:
+        path.with_suffix(".json").write_text(json.dumps(meta))
+    return path
+
+
+def quadrants(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """A BGR photo with red, green and blue blocks (and a red bottom-right), and its true labels."""
+    labels = np.zeros((h, w), np.uint8)
+    labels[: h // 2, w // 2:] = 1
+    labels[h // 2:, : w // 2] = 2
+    rgb = np.array([[230, 20, 20], [20, 230, 20], [20, 20, 230]], np.uint8)[labels]
+    return np.ascontiguousarray(rgb[..., ::-1]), labels
+
+
+def png_bytes(bgr: np.ndarray) -> bytes:
+    return cv2.imencode(".png", bgr)[1].tobytes()
+
+
+def decode_png(data: bytes, flags=cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    assert img is not None, "response is not a PNG"
+    return img
+
+
+@pytest.fixture
+def engines(tmp_path) -> Path:
+    d = tmp_path / "engines"
+    d.mkdir()
+    return d
+
+
+def make_client(engines: Path, model: str, **settings) -> TestClient:
+    return TestClient(create_app(Settings(engines_dir=engines, model=model, **settings)))
+
+
+@pytest.fixture
+def client(engines):
+    """A running service on a dynamic-H/W RGB labels model."""
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    with make_client(engines, "rgb") as c:
+        yield c

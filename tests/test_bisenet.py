@@ -1,0 +1,145 @@
+"""Our BiSeNet family: checkpoint layout, upstream equivalence, export, and refusal paths."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the export extra (torch) is not installed")
+
+from app.bisenet import CheckpointError, build_model, load_checkpoint  # noqa: E402
+from app.runner import ModelError, load_model  # noqa: E402
+
+from .conftest import SHARED, make_client, png_bytes  # noqa: E402
+from .upstream_weights import deterministic_input, deterministic_state  # noqa: E402
+
+CONTRACT = SHARED / "contract"
+DATA = Path(__file__).parent / "data"
+
+
+def contract_listing(arch: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    out = {}
+    for line in (CONTRACT / f"{arch}_state_dict.txt").read_text().splitlines():
+        key, rest = line.split(" ", 1)
+        shape, dtype = rest.rsplit(" ", 1)
+        out[key] = (tuple(int(d) for d in shape.strip("()").split(",") if d.strip()), dtype)
+    return out
+
+
+def layout(model) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", ["bisenetv1", "bisenetv2"])
+@pytest.mark.parametrize("classes", [19, 171, 150])
+def test_state_dict_layout_matches_contract(arch, classes):
+    ref = contract_listing(arch)
+    mine = layout(build_model(arch, classes, aux=True))
+    assert list(mine) == list(ref)  # same keys, same order
+    for key, (shape, dtype) in ref.items():
+        if shape and shape[0] == 19 and key.endswith(("conv_out.1.weight", "conv_out.1.bias", "conv_out.weight",
+                                                        "conv_out.bias")):
+            shape = (classes, *shape[1:])  # only the classifiers depend on the class count
+        assert mine[key] == (shape, dtype), key
+
+
+@pytest.mark.parametrize("arch,tensors,params", [("bisenetv1", 206, 13_275_539), ("bisenetv2", 327, 3_358_627)])
+def test_inference_model_drops_aux_heads(arch, tensors, params):
+    model = build_model(arch, 19)
+    assert len(model.state_dict()) == tensors
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+@pytest.mark.parametrize("arch", ["bisenetv1", "bisenetv2"])
+def test_same_weights_same_logits_as_upstream(arch):
+    """Logits computed once by upstream's own code with these deterministic weights (tests/data)."""
+    ref = np.load(DATA / "upstream_logits.npz")[arch]
+    model = build_model(arch, 19).eval()
+    model.load_state_dict(deterministic_state(model.state_dict()))
+    with torch.no_grad():
+        ours = model(deterministic_input()).numpy()
+    assert np.abs(ours - ref).max() <= 1e-3
+    assert (ours.argmax(1) == ref.argmax(1)).mean() >= 0.999
+
+
+def test_training_checkpoint_loads_ignoring_aux_heads(tmp_path):
+    train = build_model("bisenetv2", 19, aux=True)
+    torch.save(train.state_dict(), tmp_path / "ckpt.pth")
+    model = build_model("bisenetv2", 19)
+    load_checkpoint(model, tmp_path / "ckpt.pth")
+    assert torch.equal(model.state_dict()["head.conv_out.1.weight"], train.state_dict()["head.conv_out.1.weight"])
+
+
+def test_bad_checkpoints_fail_naming_keys(tmp_path):
+    state = build_model("bisenetv2", 19).state_dict()
+    missing = {k: v for k, v in state.items() if k != "bga.conv.0.weight"}
+    torch.save(missing, tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): bga.conv.0.weight"):
+        load_checkpoint(build_model("bisenetv2", 19), tmp_path / "missing.pth")
+    torch.save({**state, "extra.weight": torch.zeros(1)}, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointError, match="unexpected keys.*extra.weight"):
+        load_checkpoint(build_model("bisenetv2", 19), tmp_path / "extra.pth")
+    with pytest.raises(CheckpointError, match=r"mis-shaped keys.*head.conv_out.1.weight.*\(19, 1024, 1, 1\)"):
+        load_checkpoint(build_model("bisenetv2", 11), tmp_path / "extra.pth")
+    torch.save(build_model("bisenetv1", 19).state_dict(), tmp_path / "v1.pth")
+    with pytest.raises(CheckpointError, match="does not fit BiSeNetV2"):
+        load_checkpoint(build_model("bisenetv2", 19), tmp_path / "v1.pth")
+
+
+@pytest.mark.parametrize("output", ["labels", "logits"])
+def test_export_matches_pytorch_and_serves(tmp_path, output):
+    from app.bisenet.export import export
+    from app.metadata import load_meta
+
+    torch.manual_seed(3)
+    ckpt = tmp_path / "w.pth"
+    torch.save(build_model("bisenetv2", 19).state_dict(), ckpt)
+    onnx_path = tmp_path / "engines" / "city.onnx"
+    result = export("bisenetv2", onnx_path, weights=ckpt, classes=19, dataset="cityscapes", height=64,
+                    width=128, output=output)
+    assert result["max_abs_diff"] < 1e-3 and result["label_agreement"] >= 0.999
+    meta = load_meta(onnx_path)
+    assert meta.trained and meta.source_sha256 and meta.input_size == (64, 128) and meta.arch == "bisenetv2"
+
+    # ONNX Runtime through our runner gives the labels PyTorch gives, on real pre-processing.
+    model = load_model(onnx_path)
+    try:
+        from app.pipeline import preprocess
+
+        image = np.random.default_rng(1).integers(0, 255, (64, 128, 3), np.uint8)
+        x = preprocess(image, model, (64, 128))
+        ref = build_model("bisenetv2", 19).eval()
+        load_checkpoint(ref, ckpt)
+        with torch.no_grad():
+            expected = ref(torch.from_numpy(x)).argmax(1).numpy()
+        assert (model.infer(x) == expected).mean() >= 0.999
+        assert model.output_kind == output
+    finally:
+        model.close()
+    with make_client(onnx_path.parent, "city") as c:
+        r = c.post("/segment", files={"image": ("x.png", png_bytes(image), "image/png")})
+        assert r.status_code == 200
+
+
+def test_random_init_export_is_marked_untrained(tmp_path):
+    from app.cli import main
+
+    out = tmp_path / "e" / "rand.onnx"
+    assert main(["export", "--arch", "bisenetv1", "--random-init", "--seed", "7", "--classes", "19",
+                 "--dataset", "cityscapes", "--height", "64", "--width", "64", "--dynamic-hw", "--out", str(out)]) == 0
+    with make_client(out.parent, "rand") as c:
+        info = c.get("/models/active").json()
+        assert info["metadata"]["trained"] is False and info["input"]["dynamic_hw"] is True
+        assert "untrained weights" in c.get("/").text
+
+
+def test_custom_argmax_graph_is_refused(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input_image", TensorProto.FLOAT, ["N", 3, 64, 64])
+    y = helper.make_tensor_value_info("preds", TensorProto.INT32, ["N", 64, 64])
+    graph = helper.make_graph([helper.make_node("CustomArgMax", ["input_image"], ["preds"], dim=1)], "g", [x], [y])
+    onnx.save(helper.make_model(graph), str(tmp_path / "pred.onnx"))
+    with pytest.raises(ModelError, match="CustomArgMax.*--aux-mode eval.*segment export"):
+        load_model(tmp_path / "pred.onnx")

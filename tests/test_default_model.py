@@ -1,0 +1,56 @@
+"""The bundled default model: a trained BiSeNetV2 on CamVid, served with no configuration."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from app.core.config import DEFAULT_MODEL, Settings
+from app.runner import load_model
+
+from .conftest import ROOT, SAMPLE, SHARED, decode_png, make_client
+
+ENGINES = ROOT / "engines"
+CAMVID = SHARED / "datasets" / "camvid"
+
+
+def test_default_model_ships_and_is_described():
+    path = ENGINES / f"{DEFAULT_MODEL}.onnx"
+    assert path.is_file() and path.stat().st_size <= 15 * 2**20
+    model = load_model(path)
+    try:
+        assert model.meta.trained and model.meta.dataset == "camvid" and model.num_classes == 11
+        assert model.input_hw == (448, 608)
+    finally:
+        model.close()
+    assert Settings().engines_dir == ENGINES and Settings().model == DEFAULT_MODEL
+
+
+def test_default_model_segments_a_real_street():
+    """On the Cityscapes sample, road, sky, buildings and cars are where a person sees them."""
+    with make_client(ENGINES, DEFAULT_MODEL) as c:
+        r = c.post("/segment", params={"view": "labels"},
+                   files={"image": ("street.png", SAMPLE.read_bytes(), "image/png")})
+    assert r.status_code == 200
+    labels = decode_png(r.content)
+    assert labels.shape == (1024, 2048)
+    names = ["sky", "building", "pole", "road", "sidewalk", "tree", "sign", "fence", "car", "pedestrian", "bicyclist"]
+    share = {n: float((labels == i).mean()) for i, n in enumerate(names)}
+    assert share["road"] > 0.15 and share["building"] > 0.05 and share["car"] > 0.02
+    bottom_centre = labels[900:1000, 800:1200]
+    assert (bottom_centre == names.index("road")).mean() > 0.8
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/datasets/camvid is not beside the checkout")
+def test_default_model_val_miou_at_least_70_percent():
+    """Through the service's own pipeline (ONNX Runtime on CPU, the shipped ONNX, the service's pre-processing)."""
+    from app.evaluate import evaluate
+
+    model = load_model(ENGINES / f"{DEFAULT_MODEL}.onnx")
+    try:
+        result = evaluate(model, CAMVID, "val", void_id=11)
+    finally:
+        model.close()
+    assert result["images"] == 101
+    assert result["miou"] >= 0.70, result

@@ -1,0 +1,185 @@
+"""The service end to end, through the real TestClient and real ONNX Runtime."""
+
+import numpy as np
+import pytest
+
+from app.runner import load_model
+
+from .conftest import RGB_META, decode_png, make_client, png_bytes, quadrants, rgb_model
+
+
+def post(client, data: bytes, **params):
+    return client.post("/segment", files={"image": ("photo.png", data, "image/png")}, params=params)
+
+
+def test_labels_view_is_exact_and_full_size(client):
+    photo, truth = quadrants(96, 160)
+    r = post(client, png_bytes(photo), view="labels")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    labels = decode_png(r.content)
+    assert labels.shape == truth.shape
+    assert np.array_equal(labels, truth)
+
+
+def test_mask_view_applies_palette(client):
+    photo, truth = quadrants(64, 64)
+    mask = decode_png(post(client, png_bytes(photo)).content)  # default view=mask
+    palette_bgr = np.array(RGB_META["palette"], np.uint8)[:, ::-1]
+    assert np.array_equal(mask, palette_bgr[truth])
+
+
+def test_overlay_blends_photo_and_mask(client):
+    photo, truth = quadrants(64, 64)
+    palette_bgr = np.array(RGB_META["palette"], np.uint8)[:, ::-1]
+    full = decode_png(post(client, png_bytes(photo), view="overlay", alpha=1.0).content)
+    none = decode_png(post(client, png_bytes(photo), view="overlay", alpha=0.0).content)
+    half = decode_png(post(client, png_bytes(photo), view="overlay", alpha=0.5).content).astype(int)
+    assert np.array_equal(full, palette_bgr[truth])
+    assert np.array_equal(none, photo)
+    expected = (photo.astype(int) + palette_bgr[truth].astype(int)) / 2
+    assert np.abs(half - expected).max() <= 1
+
+
+def test_timing_and_model_headers(client):
+    r = post(client, png_bytes(quadrants(32, 32)[0]))
+    assert r.headers["x-model"] == "rgb"
+    for stage in ("decode", "preprocess", "inference", "postprocess", "encode"):
+        assert float(r.headers[f"x-timing-{stage}-ms"]) >= 0
+        assert f"{stage};dur=" in r.headers["server-timing"]
+
+
+@pytest.mark.parametrize("output", ["labels", "logits"])
+def test_fixed_size_model_output_resized_to_input(engines, output):
+    rgb_model(engines / "fixed.onnx", output=output, height=64, width=64)
+    photo, truth = quadrants(120, 200)  # not the model's size, not a multiple of 32
+    with make_client(engines, "fixed") as c:
+        labels = decode_png(post(c, png_bytes(photo), view="labels").content)
+        info = c.get("/models/active").json()
+    assert labels.shape == truth.shape
+    assert (labels == truth).mean() > 0.97  # only pixels at block edges may move in the 64x64 round trip
+    assert info["output_kind"] == output
+    assert (info["input"]["height"], info["input"]["width"]) == (64, 64)
+
+
+def test_contract_read_from_model(engines):
+    rgb_model(engines / "m.onnx", height="H", width="W", label_dtype=6)  # int32 labels
+    model = load_model(engines / "m.onnx")
+    try:
+        assert model.input_name == "input_image"
+        assert model.input_hw == (None, None) and model.dynamic_hw and model.batch_dynamic
+        assert model.output_kind == "labels" and model.num_classes == 3
+        assert model.meta.class_names == ["red", "green", "blue"] and model.meta.trained is False
+    finally:
+        model.close()
+
+
+def test_dynamic_hw_rounds_to_multiple_of_32(client):
+    photo, truth = quadrants(100, 150)
+    labels = decode_png(post(client, png_bytes(photo), view="labels").content)
+    assert labels.shape == (100, 150)
+    assert (labels == truth).mean() > 0.97
+
+
+def test_metadata_defaults_to_cityscapes(engines):
+    rgb_model(engines / "bare.onnx", output="logits", meta=None)
+    model = load_model(engines / "bare.onnx")
+    try:
+        assert model.meta.dataset == "cityscapes"
+        assert model.meta.mean == (0.3257, 0.3690, 0.3223)
+        assert model.meta.class_names[0] == "road"
+        assert len(model.palette) >= model.num_classes == 3
+    finally:
+        model.close()
+
+
+def test_not_an_image_is_415_and_server_stays_healthy(client):
+    r = client.post("/segment", files={"image": ("notes.jpg", b"this is text, not a photo", "image/jpeg")})
+    assert r.status_code == 415 and "image" in r.json()["detail"]
+    r = client.post("/segment", files={"image": ("empty.png", b"", "image/png")})
+    assert r.status_code == 400 and r.json()["detail"]
+    truncated = png_bytes(quadrants(64, 64)[0])[:60]
+    assert client.post("/segment", files={"image": ("t.png", truncated, "image/png")}).status_code == 400
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert post(client, png_bytes(quadrants(32, 32)[0])).status_code == 200
+
+
+def test_missing_field_is_422(client):
+    r = client.post("/segment", files={"photo": ("x.png", png_bytes(quadrants(32, 32)[0]), "image/png")})
+    assert r.status_code == 422 and r.json()["detail"]
+
+
+def test_limits_answer_413(engines):
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    with make_client(engines, "rgb", max_upload_bytes=1000, max_pixels=64 * 64) as c:
+        big = png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+        assert len(big) > 1000
+        assert post(c, big).status_code == 413
+    with make_client(engines, "rgb", max_pixels=32 * 32) as c:
+        r = post(c, png_bytes(quadrants(40, 40)[0]))
+        assert r.status_code == 413 and "pixels" in r.json()["detail"]
+
+
+def test_readiness_health_metrics_and_docs(client):
+    assert client.get("/readyz").json() == {"status": "ready", "model": "rgb"}
+    post(client, png_bytes(quadrants(32, 32)[0]))
+    metrics = client.get("/metrics").text
+    assert 'segment_http_requests_total{method="POST",route="/segment",status="200"}' in metrics
+    assert 'segment_stage_duration_ms_count{stage="inference"}' in metrics
+    assert 'segment_active_model_info{backend="onnxruntime"' in metrics
+    spec = client.get("/openapi.json").json()
+    assert {"/segment", "/healthz", "/readyz", "/metrics", "/models/active"} <= set(spec["paths"])
+    assert "curl -F image=@" in spec["paths"]["/segment"]["post"]["description"]
+    page = client.get("/")
+    assert page.status_code == 200 and 'name="image"' in page.text and "untrained weights" in page.text
+
+
+def test_no_model_present_is_not_ready(engines):
+    with make_client(engines, "nothing_here") as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "segment export" in r.json()["detail"]
+        r = c.post("/segment", files={"image": ("x.png", png_bytes(quadrants(32, 32)[0]), "image/png")})
+        assert r.status_code == 503 and "no model" in r.json()["detail"]
+        assert c.get("/healthz").status_code == 200 and c.get("/").status_code == 200
+
+
+def test_tensorrt_engine_without_tensorrt_is_explained(engines):
+    pytest.importorskip("polygraphy")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here: the missing-TensorRT path cannot be exercised")
+    except ImportError:
+        pass
+    (engines / "m.engine").write_bytes(b"\x00" * 64)
+    with make_client(engines, "m") as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503
+        assert "pip install '.[tensorrt]'" in r.json()["detail"]
+        assert c.get("/healthz").status_code == 200
+
+
+def test_concurrent_requests_get_their_own_answers(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = []
+    for i in range(12):
+        h, w = 32 + 8 * i, 200 - 8 * i
+        photo, truth = quadrants(h, w)
+        if i % 2:
+            photo, truth = np.ascontiguousarray(photo[:, ::-1]), np.ascontiguousarray(truth[:, ::-1])
+        cases.append((photo, truth))
+
+    def run(case):
+        return decode_png(post(client, png_bytes(case[0]), view="labels").content)
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(run, cases))
+    for (_, truth), labels in zip(cases, results):
+        assert labels.shape == truth.shape
+        assert (labels == truth).mean() > 0.97
+
+
+def test_path_traversal_model_name_refused(engines):
+    rgb_model(engines.parent / "outside.onnx")
+    with make_client(engines, "../outside") as c:
+        assert c.get("/readyz").status_code == 503
+        assert "invalid model name" in c.get("/readyz").json()["detail"]
