@@ -6,8 +6,12 @@ import logging
 import sys
 from pathlib import Path
 
-EPILOG = """examples:
+EPILOG = """examples (the seed's three commands work as written, on .onnx files too):
+  segment compile model.onnx model.trt --fp16     # TensorRT engine (needs TensorRT and a GPU)
+  segment run model.trt street.jpg mask.png       # colour mask; --view overlay|labels
+  segment test model.trt                          # throughput and latency percentiles
   segment serve                                   # the bundled CamVid model on http://127.0.0.1:8000
+  segment engines                                 # list the model repository
   segment export --arch bisenetv2 --weights model_final_v2_city.pth --classes 19 --dataset cityscapes \\
                  --height 1024 --width 2048 --output labels --out engines/city_v2.onnx
   segment eval engines/camvid_bisenetv2.onnx --data ../shared/datasets/camvid --void-id 11
@@ -54,17 +58,120 @@ def cmd_train(args) -> int:
 
 
 def _load(path: Path):
-    from .runner import load_model
+    """Load a model file for a one-off command, with plain-words errors instead of tracebacks."""
+    from .runner import MODEL_SUFFIXES, ModelError, load_model
 
     if not path.is_file():
         raise SystemExit(f"error: no such model file: {path}")
-    return load_model(path)
+    if path.suffix.lower() not in MODEL_SUFFIXES:
+        raise SystemExit(f"error: {path.name}: expected a model file ({', '.join(MODEL_SUFFIXES)})")
+    try:
+        return load_model(path)
+    except ModelError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        b, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'batch,height,width', got {text!r}") from None
+    return b, h, w
+
+
+def cmd_compile(args) -> int:
+    from .compiler import BuildOptions, compile_engine
+    from .runner import ENGINE_SUFFIXES, ModelError
+
+    if not args.onnx.is_file():
+        raise SystemExit(f"error: no such ONNX file: {args.onnx}")
+    if args.onnx.suffix.lower() != ".onnx":
+        raise SystemExit(f"error: {args.onnx.name}: the input must be an .onnx file")
+    if args.engine.suffix.lower() not in ENGINE_SUFFIXES:
+        raise SystemExit(f"error: {args.engine.name}: the output must end in {', '.join(ENGINE_SUFFIXES)}")
+    try:
+        opts = BuildOptions(precision="int8" if args.int8 else args.precision, min_shape=args.min_shape,
+                            opt_shape=args.opt_shape, max_shape=args.max_shape, workspace_mb=args.workspace_mb,
+                            calib_dir=args.int8)
+        compile_engine(args.onnx, args.engine, opts, progress=lambda line: print(line, flush=True))
+    except (ModelError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 3
+    return 0
+
+
+def cmd_run(args) -> int:
+    import cv2
+
+    from .imaging import ImageError
+    from .pipeline import segment_bytes, view_image
+
+    if not args.image.is_file():
+        raise SystemExit(f"error: no such image: {args.image}")
+    model = _load(args.model)
+    try:
+        seg = segment_bytes(model, args.image.read_bytes(), 1 << 62, 4096)
+        out = view_image(seg, model, args.view, args.alpha)
+    except ImageError as exc:
+        raise SystemExit(f"error: {args.image.name}: {exc.detail}") from None
+    finally:
+        model.close()
+    if args.view == "labels" and args.output.suffix.lower() in (".jpg", ".jpeg"):
+        print("warning: JPEG is lossy and will alter class ids; use .png for --view labels", file=sys.stderr)
+    if not cv2.imwrite(str(args.output), out):
+        raise SystemExit(f"error: could not write {args.output} (unknown image extension?)")
+    print(f"wrote {args.output} ({out.shape[1]}x{out.shape[0]}, {args.view}); "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in seg.timings.items()))
+    return 0
+
+
+def cmd_test(args) -> int:
+    import json as _json
+
+    from tqdm import tqdm
+
+    from . import bench
+
+    cfg = bench.BenchConfig(mode=args.mode, iterations=args.iterations, seconds=args.seconds,
+                            warmup_iterations=args.warmup, warmup_seconds=args.warmup_seconds, batch=args.batch,
+                            **({"image": args.image} if args.image else {}))
+    model = _load(args.model)
+    try:
+        with tqdm(total=cfg.iterations, desc="timing", unit="it", leave=False) as bar:
+            report = bench.run(model, cfg, progress=lambda n: bar.update(n - bar.n))
+    finally:
+        model.close()
+    print(bench.table(report))
+    if args.json:
+        args.json.write_text(_json.dumps(report, indent=2))
+        print(f"saved {args.json}")
+    return 0
+
+
+def cmd_engines(args) -> int:
+    from .core.config import get_settings
+    from .registry import Registry
+
+    entries = Registry(args.dir or get_settings().engines_dir).list()
+    if not entries:
+        print("the model repository is empty")
+    for e in entries:
+        meta = e["metadata"] or {}
+        flags = "" if e["complete"] else "  [incomplete: no build metadata]"
+        flags += "" if meta.get("trained", True) else "  [untrained]"
+        print(f"{e['name']:<28} {e['kind']:<9} {e['precision']:<5} {e['bytes'] / 2**20:7.1f} MiB  "
+              f"{meta.get('dataset', '?')}{flags}")
+    return 0
 
 
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
 
-    result = evaluate(_load(args.model), args.data, args.split, void_id=args.void_id)
+    model = _load(args.model)
+    try:
+        result = evaluate(model, args.data, args.split, void_id=args.void_id)
+    finally:
+        model.close()
     print(f"mIoU {result['miou']:.4f}  pixel accuracy {result['pixel_accuracy']:.4f}  ({result['images']} images)")
     for name, iou in result["per_class_iou"].items():
         print(f"  {name:<16} {'-' if iou is None else f'{iou:.4f}'}")
@@ -94,19 +201,73 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _command(sub, name: str, help: str, *examples: str) -> argparse.ArgumentParser:
+    """A sub-command whose --help ends with examples."""
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None
+    return sub.add_parser(name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segment", description="BiSeNet segmentation: serve, export, evaluate.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="start the web service (settings from SEGMENT_* variables)")
+    p = _command(sub, "serve", "start the web service (settings from SEGMENT_* variables)",
+                 "segment serve", "SEGMENT_MODEL=city_v2 segment serve --host 0.0.0.0 --port 8000")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("export", help="export a BiSeNet checkpoint to ONNX with its metadata (needs the export extra)",
-                       epilog="example: segment export --arch bisenetv2 --weights v2_city.pth --classes 19 "
-                              "--dataset cityscapes --height 1024 --width 2048 --out engines/city.onnx")
+    p = _command(sub, "compile", "build a TensorRT engine from ONNX (needs TensorRT and an NVIDIA GPU)",
+                 "segment compile model.onnx model.trt --fp16",
+                 "segment compile model.onnx model.plan --int8 calib_images/ --max-shape 8,1024,2048")
+    p.add_argument("onnx", type=Path)
+    p.add_argument("engine", type=Path, help="output: .trt, .engine or .plan")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="(default)")
+    prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16")
+    prec.add_argument("--bf16", dest="precision", action="store_const", const="bf16")
+    prec.add_argument("--int8", type=Path, metavar="CALIB_DIR", help="int8, calibrated on these images")
+    p.set_defaults(precision="fp32")
+    p.add_argument("--min-shape", type=_shape, metavar="B,H,W", help="dynamic profile minimum")
+    p.add_argument("--opt-shape", type=_shape, metavar="B,H,W", help="dynamic profile optimum")
+    p.add_argument("--max-shape", type=_shape, metavar="B,H,W", help="dynamic profile maximum")
+    p.add_argument("--workspace-mb", type=int, help="builder workspace limit")
+    p.set_defaults(func=cmd_compile)
+
+    p = _command(sub, "run", "segment one image with an engine or ONNX model",
+                 "segment run model.trt street.jpg mask.png",
+                 "segment run engines/camvid_bisenetv2.onnx street.jpg overlay.jpg --view overlay")
+    p.add_argument("model", type=Path)
+    p.add_argument("image", type=Path)
+    p.add_argument("output", type=Path)
+    p.add_argument("--view", default="mask", choices=["mask", "overlay", "labels"])
+    p.add_argument("--alpha", type=float, default=0.5, help="mask weight of the overlay")
+    p.set_defaults(func=cmd_run)
+
+    p = _command(sub, "test", "measure throughput and latency (engine loop or end to end)",
+                 "segment test model.trt",
+                 "segment test engines/camvid_bisenetv2.onnx --mode e2e --iterations 50 --json run.json")
+    p.add_argument("model", type=Path)
+    p.add_argument("--mode", default="engine", choices=["engine", "e2e"])
+    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--seconds", type=float, help="stop timing after this long")
+    p.add_argument("--warmup", type=int, default=10, help="warm-up iterations")
+    p.add_argument("--warmup-seconds", type=float, help="warm up for at least this long")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--image", type=Path, help="input image (default: the bundled Cityscapes sample)")
+    p.add_argument("--json", type=Path, help="save the report")
+    p.set_defaults(func=cmd_test)
+
+    p = _command(sub, "engines", "list the model repository", "segment engines", "segment engines --dir /srv/models")
+    p.add_argument("--dir", type=Path, help="repository folder (default: SEGMENT_ENGINES_DIR)")
+    p.set_defaults(func=cmd_engines)
+
+    p = _command(sub, "export", "export a BiSeNet checkpoint to ONNX with its metadata (needs the export extra)",
+                 "segment export --arch bisenetv2 --weights v2_city.pth --classes 19 --dataset cityscapes "
+                 "--height 1024 --width 2048 --out engines/city.onnx",
+                 "segment export --arch bisenetv1 --random-init --seed 0 --classes 19 --dataset cityscapes "
+                 "--height 512 --width 1024 --dynamic-hw --out engines/v1_random.onnx")
     p.add_argument("--arch", required=True, choices=["bisenetv1", "bisenetv2"])
     p.add_argument("--weights", type=Path, help="upstream-style state_dict (.pth)")
     p.add_argument("--random-init", action="store_true", help="export untrained weights (for tests and benchmarks)")
@@ -122,13 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the .onnx to write (metadata goes beside it)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("train", help="train a BiSeNet on a CamVid-layout data set (GPU; needs the export extra)")
+    p = _command(sub, "train", "train a BiSeNet on a CamVid-layout data set (GPU; needs the export extra)",
+                 "segment train --data ../shared/datasets/camvid --out runs/camvid --minutes 8.2")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="mIoU of a model through the service's pipeline",
-                       epilog="example: segment eval engines/camvid_bisenetv2.onnx --data ../shared/datasets/camvid "
-                              "--void-id 11")
+    p = _command(sub, "eval", "mIoU of a model through the service's pipeline",
+                 "segment eval engines/camvid_bisenetv2.onnx --data ../shared/datasets/camvid --void-id 11")
     p.add_argument("model", type=Path)
     p.add_argument("--data", type=Path, required=True, help="root with images/SPLIT and labels/SPLIT")
     p.add_argument("--split", default="val")

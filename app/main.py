@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from .api.routes import health, page, segment
+from .api.routes import bench, engines, health, page, segment
 from .core.config import PROJECT_ROOT, Settings, get_settings
 from .state import ServiceState
 
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = state
     app.state.templates = Jinja2Templates(directory=PROJECT_ROOT / "templates")
     app.mount("/static", StaticFiles(directory=PROJECT_ROOT / "static"), name="static")
-    for module in (segment, health, page):
+    for module in (segment, engines, bench, health, page):
         app.include_router(module.router)
 
     @app.middleware("http")

@@ -1,5 +1,6 @@
 """Per-model metadata: the JSON file beside each model in the repository (``NAME.onnx`` + ``NAME.json``)."""
 
+import hashlib
 import json
 import os
 import tempfile
@@ -83,3 +84,12 @@ def save_meta(model_path: Path, meta: ModelMeta) -> Path:
     path = meta_path(model_path)
     write_atomic(path, (meta.model_dump_json(indent=2) + "\n").encode())
     return path
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -89,12 +89,14 @@ def segment_image(model: SegmentationModel, image: np.ndarray, max_side: int = 2
     return Segmentation(image=image, labels=labels, timings=watch.timings)
 
 
-def render(seg: Segmentation, model: SegmentationModel, view: str, alpha: float, compression: int) -> bytes:
-    """PNG bytes of a view: the colour mask, the overlay on the photo, or the raw class ids."""
+def view_image(seg: Segmentation, model: SegmentationModel, view: str, alpha: float = 0.5) -> np.ndarray:
+    """A view as an image: the colour mask (BGR), the overlay on the photo, or the class ids (1 channel)."""
     if view == "labels":
-        ids = seg.labels.astype(np.uint8 if model.num_classes <= 256 else np.uint16, copy=False)
-        return encode_png(ids, compression)
-    mask = colorize(seg.labels, model.palette[:, ::-1].copy())
-    if view == "overlay":
-        mask = overlay(seg.image, mask, alpha)
-    return encode_png(mask, compression)
+        return seg.labels.astype(np.uint8 if model.num_classes <= 256 else np.uint16, copy=False)
+    mask = colorize(seg.labels, model.palette_bgr)
+    return overlay(seg.image, mask, alpha) if view == "overlay" else mask
+
+
+def render(seg: Segmentation, model: SegmentationModel, view: str, alpha: float, compression: int) -> bytes:
+    """PNG bytes of a view."""
+    return encode_png(view_image(seg, model, view, alpha), compression)

@@ -7,9 +7,9 @@ The model's contract (input name, layout, size, output kind) is read from the mo
 
 import logging
 import platform
-import re
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,6 @@ log = logging.getLogger("segment.runner")
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 MODEL_SUFFIXES = ONNX_SUFFIXES + ENGINE_SUFFIXES
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 TENSORRT_HINT = ("TensorRT is not installed here. On an NVIDIA GPU host install it with "
                  "`pip install '.[tensorrt]'`, or run the GPU Docker image; ONNX models keep working "
                  "through ONNX Runtime meanwhile.")
@@ -30,6 +29,10 @@ TENSORRT_HINT = ("TensorRT is not installed here. On an NVIDIA GPU host install 
 
 class ModelError(ValueError):
     """The model file cannot be served; the message says why in plain words."""
+
+
+class IncompatibleEngine(ModelError):
+    """An engine built by another TensorRT version or for another GPU: it must be rebuilt here."""
 
 
 class TensorRTUnavailable(ModelError):
@@ -44,21 +47,6 @@ def tensorrt_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorrt") is not None
-
-
-def resolve_model_path(engines_dir: Path, name: str) -> Path:
-    """The model file called ``name`` (stem or file name) inside ``engines_dir``, never outside it."""
-    if not NAME_RE.match(name) or ".." in name:
-        raise ModelError(f"invalid model name {name!r}: use letters, digits, '.', '_' and '-' only")
-    root = engines_dir.resolve()
-    candidates = [engines_dir / name] if name.endswith(MODEL_SUFFIXES) else [
-        engines_dir / f"{name}{s}" for s in MODEL_SUFFIXES]
-    for path in candidates:
-        if path.is_file():
-            if path.resolve().parent != root:  # a symlink pointing out of the repository
-                raise ModelError(f"{name!r} resolves outside the model repository")
-            return path
-    raise ModelError(f"no model called {name!r} in {engines_dir} (looked for {', '.join(c.name for c in candidates)})")
 
 
 class OrtSessionLoader:
@@ -108,6 +96,32 @@ def check_onnx_graph(path: Path) -> None:
             "`segment export` here.")
 
 
+def gpu_info() -> dict:
+    """Name and compute capability of GPU 0, from nvidia-smi (empty where there is none)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()[0]
+        name, cc = (s.strip() for s in out.split(","))
+        return {"gpu": name, "compute_capability": cc}
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return {}
+
+
+def engine_mismatch(build: dict, trt_version: str, gpu: dict) -> str | None:
+    """Why an engine built as ``build`` cannot run here (TensorRT version or GPU differ), or None."""
+    problems = []
+    built_trt = build.get("tensorrt_version")
+    if built_trt and built_trt.split(".")[:2] != trt_version.split(".")[:2]:
+        problems.append(f"built with TensorRT {built_trt}, this host has {trt_version}")
+    built_cc, here_cc = build.get("compute_capability"), gpu.get("compute_capability")
+    if built_cc and here_cc and built_cc != here_cc:
+        problems.append(f"built for {build.get('gpu', 'a GPU')} (compute capability {built_cc}), this host has "
+                        f"{gpu.get('gpu', 'a GPU')} ({here_cc})")
+    return "; ".join(problems) or None
+
+
 def cpu_name() -> str:
     """The CPU model, for reports."""
     try:
@@ -135,6 +149,12 @@ def make_runner(path: Path, backend: str = "auto", providers: str = "auto", thre
             raise ModelError(f"{path.name} is a TensorRT engine but backend=onnxruntime")
         if not tensorrt_available():
             raise TensorRTUnavailable()
+        import tensorrt as trt
+
+        build = load_meta(path).extra.get("build", {})
+        if why := engine_mismatch(build, trt.__version__, gpu_info()):
+            raise IncompatibleEngine(f"{path.name} cannot run here: {why}. Rebuild it from its ONNX "
+                                     f"({build.get('source', 'the source model')}) with `segment compile` or POST /engines.")
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
@@ -160,10 +180,38 @@ class SegmentationModel:
     num_classes: int = 0
     palette: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.uint8))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _users: int = field(default=0, repr=False)
+    _retired: bool = field(default=False, repr=False)
+
+    def acquire(self) -> "SegmentationModel":
+        """Mark one request as using this model; pair with :meth:`release`."""
+        with self._lock:
+            self._users += 1
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            close = self._retired and self._users == 0
+        if close:
+            self.close()
+
+    def retire(self) -> None:
+        """No new requests will come: close now if idle, else when the last request releases it."""
+        with self._lock:
+            self._retired = True
+            close = self._users == 0
+        if close:
+            self.close()
 
     @property
     def dynamic_hw(self) -> bool:
         return None in self.input_hw
+
+    @cached_property
+    def palette_bgr(self) -> np.ndarray:
+        """The palette in OpenCV's channel order, contiguous for fast lookups."""
+        return np.ascontiguousarray(self.palette[:, ::-1])
 
     @property
     def uint8_input(self) -> bool:
@@ -274,5 +322,5 @@ def _inspect(path: Path, meta: ModelMeta, runner, backend: str) -> SegmentationM
     palette = list(meta.palette)
     if len(palette) < model.num_classes:  # more classes than named colours: extend, never index out of range
         palette += generated_palette(model.num_classes)[len(palette):]
-    model.palette = np.asarray(palette, np.uint8)
+    model.palette = np.ascontiguousarray(np.asarray(palette, np.uint8))
     return model

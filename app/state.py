@@ -1,45 +1,63 @@
-"""The service's shared state: the served model, swapped atomically, and why none is served."""
+"""The service's shared state: the model repository, the served model (swapped atomically), build jobs."""
 
 import logging
 import threading
-from pathlib import Path
+from contextlib import contextmanager
 
 from .core.config import Settings
+from .jobs import JobQueue
 from .metadata import MetadataError
 from .metrics import Metrics
-from .runner import ModelError, SegmentationModel, load_model, resolve_model_path
+from .registry import Registry
+from .runner import ModelError, SegmentationModel, load_model
 
 log = logging.getLogger("segment.state")
 
 
 class ServiceState:
-    """Holds the active :class:`SegmentationModel`; requests take a reference and keep it to the end."""
+    """Holds the active :class:`SegmentationModel`; each request holds the one it started with to the end."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.registry = Registry(settings.engines_dir)
         self.metrics = Metrics()
         self.model: SegmentationModel | None = None
         self.problem: str | None = "not started"
         self._swap = threading.Lock()
+        self.jobs: JobQueue | None = None
+        self.bench_lock = threading.Lock()  # one benchmark at a time
 
-    def load(self, path: Path) -> SegmentationModel:
-        """Load a model file with the configured backend options (not yet served)."""
+    def load(self, name: str) -> SegmentationModel:
+        """Load a model of the repository with the configured backend options (not yet served)."""
         s = self.settings
-        return load_model(path, backend=s.backend, providers=s.ort_providers, threads=s.ort_threads)
+        return load_model(self.registry.path(name), backend=s.backend, providers=s.ort_providers,
+                          threads=s.ort_threads)
 
     def activate(self, model: SegmentationModel) -> None:
-        """Serve ``model`` from now on; the previous one is closed once no request holds it."""
+        """Serve ``model`` from now on; the previous one finishes its requests, then closes."""
         with self._swap:
             old, self.model, self.problem = self.model, model, None
         self.metrics.set_model(model.describe())
         if old is not None and old is not model:
-            old.close()
+            old.retire()
+
+    @contextmanager
+    def use_model(self):
+        """The served model, held for the duration of one request (None when there is none)."""
+        with self._swap:
+            model = self.model.acquire() if self.model is not None else None
+        try:
+            yield model
+        finally:
+            if model is not None:
+                model.release()
 
     def start(self) -> None:
         """Load the configured model, or record in plain words why none can be served."""
         s = self.settings
+        self.jobs = JobQueue()
         try:
-            self.activate(self.load(resolve_model_path(s.engines_dir, s.model)))
+            self.activate(self.load(s.model))
         except (ModelError, MetadataError) as exc:
             self.problem = (f"{exc}. To serve a model, put NAME.onnx (with NAME.json) in {s.engines_dir} and set "
                             f"SEGMENT_MODEL=NAME; export one with `segment export ...`.")
@@ -47,7 +65,9 @@ class ServiceState:
             self.metrics.set_model(None)
 
     def stop(self) -> None:
+        if self.jobs is not None:
+            self.jobs.stop()
         with self._swap:
             model, self.model = self.model, None
         if model is not None:
-            model.close()
+            model.retire()

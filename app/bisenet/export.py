@@ -1,6 +1,5 @@
 """Export a BiSeNet to ONNX (``segment export``), verify it against PyTorch, and write its metadata."""
 
-import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -12,7 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..classes import DATASETS
-from ..metadata import ModelMeta, save_meta
+from ..metadata import ModelMeta, save_meta, sha256_file
 from . import build_model, load_checkpoint
 
 log = logging.getLogger("segment.export")
@@ -29,14 +28,6 @@ class WithArgmax(nn.Module):
 
     def forward(self, x):
         return self.model(x).argmax(dim=1).to(self.dtype)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _with_logits_output(model_path: Path) -> bytes:
@@ -108,7 +99,7 @@ def export(arch: str, out: Path, *, weights: Path | None, classes: int, dataset:
         names, palette = [f"class {i}" for i in range(classes)], []
     meta = ModelMeta(dataset=dataset, arch=arch, num_classes=classes, class_names=names, palette=palette,
                      mean=mean, std=std, input_size=(height, width), trained=weights is not None,
-                     source_sha256=sha256_of(weights) if weights else None, description=description,
+                     source_sha256=sha256_file(weights) if weights else None, description=description,
                      extra={"output": output, "dynamic_hw": dynamic_hw, "opset": opset, "precision": "fp32",
                             "seed": None if weights else seed, "exported_with": f"torch {torch.__version__}",
                             "check": check, **(extra or {})})

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     ort_providers: str = Field(
         "auto", description="auto (CUDA when onnxruntime-gpu sees a GPU, else CPU) or a comma list, e.g. cpu.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin routes.")
+    allow_unauthenticated_admin: bool = Field(
+        False, description="Local development only: admin routes without a token when none is set.")
+    max_onnx_bytes: int = Field(512 * 2**20, gt=0, description="Largest ONNX upload to POST /engines (413 beyond).")
     max_upload_bytes: int = Field(25 * 2**20, gt=0, description="Largest accepted upload (413 beyond).")
     max_pixels: int = Field(50_000_000, gt=0, description="Largest accepted image, width x height (413 beyond).")
     max_dynamic_side: int = Field(2048, ge=32, description="Longest side fed to a model with dynamic H/W.")

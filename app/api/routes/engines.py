@@ -1,0 +1,148 @@
+"""The model repository over HTTP: list, inspect, register or compile, activate, delete."""
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Form, HTTPException, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from ...metadata import MetadataError, ModelMeta
+from ...registry import Conflict, NotFound, check_name
+from ...runner import IncompatibleEngine, ModelError, TensorRTUnavailable, tensorrt_available
+from ..deps import AdminDep, StateDep
+from .segment import read_upload
+
+router = APIRouter(prefix="/engines", tags=["engines"])
+
+
+def _http(exc: ModelError) -> HTTPException:
+    status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, (Conflict, IncompatibleEngine)) else \
+        503 if isinstance(exc, TensorRTUnavailable) else 400
+    return HTTPException(status, detail=str(exc))
+
+
+@router.get("")
+def list_engines(state: StateDep) -> dict:
+    """Every model in the repository (ONNX and TensorRT), with its metadata; `active` names the served one."""
+    active = state.model.path.name if state.model else None
+    return {"active": active, "engines": [{**e, "active": e["file"] == active} for e in state.registry.list()]}
+
+
+@router.get("/jobs/{job_id}")
+def job(job_id: str, state: StateDep) -> dict:
+    """A build job: state (queued, running, succeeded, failed), progress lines, error."""
+    found = state.jobs.jobs.get(job_id) if state.jobs else None
+    if found is None:
+        raise HTTPException(404, detail=f"no job {job_id!r}")
+    return found.view()
+
+
+@router.get("/{name}")
+def get_engine(name: str, state: StateDep) -> dict:
+    """One model of the repository."""
+    try:
+        return state.registry.describe(state.registry.path(name))
+    except ModelError as exc:
+        raise _http(exc) from None
+
+
+@router.post("/{name}/activate", dependencies=[AdminDep])
+async def activate(name: str, state: StateDep) -> dict:
+    """Serve `name` from now on. Requests in flight finish on the previous model; new ones use this one."""
+    try:
+        model = await run_in_threadpool(state.load, name)
+    except (ModelError, MetadataError) as exc:
+        raise _http(exc) if isinstance(exc, ModelError) else HTTPException(400, detail=str(exc)) from None
+    state.activate(model)
+    return {"active": model.describe()}
+
+
+@router.delete("/{name}", dependencies=[AdminDep])
+def delete(name: str, state: StateDep) -> dict:
+    """Remove a model and its metadata; the served model cannot be deleted."""
+    try:
+        path = state.registry.path(name)
+        if state.model is not None and state.model.path.resolve() == path.resolve():
+            raise Conflict(f"{name!r} is being served; activate another model first")
+        state.registry.delete(name)
+    except ModelError as exc:
+        raise _http(exc) from None
+    return {"deleted": path.name}
+
+
+@router.post("", status_code=202, dependencies=[AdminDep], responses={
+    201: {"description": "ONNX model registered for ONNX Runtime (target=onnxruntime)"},
+    202: {"description": "TensorRT build queued; poll `status_url`"},
+    503: {"description": "TensorRT is not installed on this host"}})
+async def create(
+    state: StateDep,
+    name: Annotated[str, Form(description="Name of the new model")],
+    onnx: UploadFile | None = None,
+    source: Annotated[str | None, Form(description="A registered ONNX model to compile, instead of an upload")] = None,
+    target: Annotated[Literal["tensorrt", "onnxruntime"], Form()] = "tensorrt",
+    precision: Annotated[Literal["fp32", "fp16", "bf16", "int8"], Form()] = "fp16",
+    min_shape: Annotated[str | None, Form(description="Dynamic profile minimum, 'batch,height,width'")] = None,
+    opt_shape: Annotated[str | None, Form(description="Dynamic profile optimum, 'batch,height,width'")] = None,
+    max_shape: Annotated[str | None, Form(description="Dynamic profile maximum, 'batch,height,width'")] = None,
+    workspace_mb: Annotated[int | None, Form(gt=0)] = None,
+    calib_source: Annotated[str | None, Form(description="int8: calibration image folder name under engines/calibration")] = None,
+    metadata: Annotated[str | None, Form(description="JSON metadata for an uploaded ONNX (dataset, classes, mean/std...)")] = None,
+):
+    """Register an ONNX model for ONNX Runtime (201), or compile one into a TensorRT engine (202 + job)."""
+    try:
+        check_name(name)
+        if (onnx is None) == (source is None):
+            raise HTTPException(422, detail="give exactly one of: an `onnx` file upload, or `source` (a registered ONNX name)")
+        if target == "tensorrt" and not tensorrt_available():
+            raise TensorRTUnavailable()
+        meta = ModelMeta.model_validate(json.loads(metadata)) if metadata else None
+    except ModelError as exc:
+        raise _http(exc) from None
+    except (ValueError, ValidationError) as exc:
+        raise HTTPException(422, detail=f"invalid metadata: {exc}") from None
+
+    registry = state.registry
+    if onnx is not None:
+        staged = registry.temp_upload()
+        try:
+            staged.write_bytes(await read_upload(onnx, state.settings.max_onnx_bytes))
+            src_name = name if target == "onnxruntime" else f"{name}-source"
+            entry = await run_in_threadpool(registry.register_onnx, src_name, staged, meta)
+        except ModelError as exc:
+            raise _http(exc) from None
+        finally:
+            staged.unlink(missing_ok=True)
+        if target == "onnxruntime":
+            return JSONResponse(entry, status_code=201)
+        source = src_name
+    try:
+        src_path = registry.path(source)
+    except ModelError as exc:
+        raise _http(exc) from None
+    if src_path.suffix != ".onnx":
+        raise HTTPException(400, detail=f"source {source!r} is not an ONNX model")
+    if target == "onnxruntime":
+        raise HTTPException(409, detail=f"{source!r} is already registered for ONNX Runtime")
+    if any((registry.root / f"{name}{s}").exists() for s in (".engine", ".onnx")):
+        raise HTTPException(409, detail=f"a model called {name!r} already exists")
+    args = ["compile", str(src_path), str(registry.root / f"{name}.engine"), f"--{precision}"]
+    for flag, value in (("--min-shape", min_shape), ("--opt-shape", opt_shape), ("--max-shape", max_shape),
+                        ("--workspace-mb", workspace_mb)):
+        if value is not None:
+            args += [flag, str(value)]
+    if precision == "int8":
+        if not calib_source:
+            raise HTTPException(422, detail="int8 needs `calib_source`: a folder of images under engines/calibration")
+        try:
+            folder = registry.root / "calibration" / check_name(calib_source)
+        except ModelError as exc:
+            raise _http(exc) from None
+        if not folder.is_dir():
+            raise HTTPException(404, detail=f"no calibration folder {calib_source!r} under engines/calibration")
+        args[-1] = "--int8"
+        args.append(str(folder))
+    job = state.jobs.submit(name, args)
+    return {"job_id": job.id, "status_url": f"/engines/jobs/{job.id}", "state": job.state}

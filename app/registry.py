@@ -1,0 +1,110 @@
+"""The model repository on disk: every ONNX model and TensorRT engine in ``engines/`` with its metadata."""
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from .metadata import MetadataError, ModelMeta, load_meta, meta_path, save_meta, write_atomic
+from .runner import MODEL_SUFFIXES, ONNX_SUFFIXES, ModelError, check_onnx_graph, load_model
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class NotFound(ModelError):
+    """No model of that name."""
+
+
+class Conflict(ModelError):
+    """The operation clashes with the registry's state (name taken, model active)."""
+
+
+def check_name(name: str) -> str:
+    """A model name: letters, digits, '_' and '-', so it can never be a path."""
+    if not NAME_RE.match(name):
+        raise ModelError(f"invalid model name {name!r}: use 1-64 letters, digits, '_' or '-' (no dots or slashes)")
+    return name
+
+
+def kind_of(path: Path) -> str:
+    return "onnx" if path.suffix.lower() in ONNX_SUFFIXES else "tensorrt"
+
+
+class Registry:
+    """Reads and writes ``root``; names map to ``root/NAME.onnx`` or ``root/NAME.engine`` (+ ``NAME.json``)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _inside(self, path: Path) -> Path:
+        if path.resolve().parent != self.root.resolve():  # a symlink leading out of the repository
+            raise ModelError(f"{path.name} resolves outside the model repository")
+        return path
+
+    def path(self, name: str) -> Path:
+        """The model file called ``name`` (a stem, or a file name with its suffix)."""
+        stem, suffix = (name[: -len(s)], s) if (s := next((x for x in MODEL_SUFFIXES if name.endswith(x)), "")) else (name, "")
+        check_name(stem)
+        for candidate in ([self.root / name] if suffix else [self.root / f"{stem}{x}" for x in MODEL_SUFFIXES]):
+            if candidate.is_file():
+                return self._inside(candidate)
+        raise NotFound(f"no model called {name!r} in the repository {self.root}")
+
+    def describe(self, path: Path) -> dict:
+        """Name, kind, size and metadata of one model file."""
+        try:
+            meta, problem = load_meta(path).model_dump(), None
+        except MetadataError as exc:
+            meta, problem = None, str(exc)
+        build = (meta or {}).get("extra", {}).get("build", {})
+        complete = kind_of(path) == "onnx" or (meta_path(path).exists() and bool(build))
+        return {"name": path.stem, "file": path.name, "kind": kind_of(path), "bytes": path.stat().st_size,
+                "precision": (meta or {}).get("extra", {}).get("precision", "fp32"),
+                "complete": complete, "problem": problem, "metadata": meta}
+
+    def list(self) -> list[dict]:
+        """Every model file, sorted by name; engines without build metadata are marked incomplete."""
+        if not self.root.is_dir():
+            return []
+        files = [p for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES
+                 and not p.name.startswith(".") and NAME_RE.match(p.stem)]
+        return [self.describe(p) for p in sorted(files)]
+
+    def delete(self, name: str) -> None:
+        """Remove a model and its metadata."""
+        path = self.path(name)
+        path.unlink()
+        meta_path(path).unlink(missing_ok=True)
+
+    def temp_upload(self, suffix: str = ".onnx") -> Path:
+        """A fresh hidden file in the repository for an upload in progress (same file system: atomic rename)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload.", suffix=suffix)
+        os.close(fd)
+        return Path(tmp)
+
+    def register_onnx(self, name: str, staged: Path, meta: ModelMeta | None = None) -> dict:
+        """Validate a staged ONNX file (checker, refusal rules, dry run) and move it in as ``name``."""
+        check_name(name)
+        target = self.root / f"{name}.onnx"
+        if any((self.root / f"{name}{s}").exists() for s in MODEL_SUFFIXES):
+            raise Conflict(f"a model called {name!r} already exists; delete it first or pick another name")
+        try:
+            onnx.checker.check_model(str(staged))
+        except Exception as exc:  # checker raises ValidationError, protobuf DecodeError, ...
+            raise ModelError(f"not a valid ONNX model: {str(exc).splitlines()[0][:300]}") from exc
+        check_onnx_graph(staged)
+        if meta is not None:
+            save_meta(staged, meta)  # so the dry run reads it
+        try:
+            load_model(staged).close()  # dry run
+            shutil.move(str(staged), target)
+            if meta is not None:
+                write_atomic(meta_path(target), meta_path(staged).read_bytes())
+        finally:
+            meta_path(staged).unlink(missing_ok=True)
+        return self.describe(target)
+

@@ -1,0 +1,70 @@
+"""The `segment` command line: the seed's workflow verbatim, and clear errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from app.cli import main
+from app.runner import tensorrt_available
+
+from .conftest import RGB_META, ROOT, decode_png, png_bytes, quadrants, rgb_model
+
+
+def segment(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_run_writes_mask_overlay_and_labels(engines, tmp_path):
+    model = rgb_model(engines / "rgb.onnx", height="H", width="W")
+    photo, truth = quadrants(64, 96)
+    src = tmp_path / "in.png"
+    src.write_bytes(png_bytes(photo))
+    assert main(["run", str(model), str(src), str(tmp_path / "mask.png")]) == 0
+    palette_bgr = np.array(RGB_META["palette"], np.uint8)[:, ::-1]
+    assert np.array_equal(decode_png((tmp_path / "mask.png").read_bytes()), palette_bgr[truth])
+    assert main(["run", str(model), str(src), str(tmp_path / "ids.png"), "--view", "labels"]) == 0
+    assert np.array_equal(decode_png((tmp_path / "ids.png").read_bytes()), truth)
+    assert main(["run", str(model), str(src), str(tmp_path / "over.jpg"), "--view", "overlay"]) == 0
+    assert (tmp_path / "over.jpg").read_bytes()[:2] == b"\xff\xd8"  # a JPEG, as the seed writes
+
+
+def test_clear_errors(engines, tmp_path):
+    model = rgb_model(engines / "rgb.onnx")
+    r = segment("run", str(tmp_path / "missing.onnx"), str(model), str(tmp_path / "o.png"))
+    assert r.returncode != 0 and "no such model file" in r.stderr
+    (tmp_path / "notes.txt").write_text("hello")
+    r = segment("run", str(tmp_path / "notes.txt"), str(model), str(tmp_path / "o.png"))
+    assert r.returncode != 0 and "expected a model file" in r.stderr
+    r = segment("run", str(model), str(tmp_path / "notes.txt"), str(tmp_path / "o.png"))
+    assert r.returncode != 0 and "not" in r.stderr and "Traceback" not in r.stderr
+    r = segment("compile", str(model), str(tmp_path / "out.onnx"))
+    assert r.returncode != 0 and "must end in" in r.stderr
+    (tmp_path / "bad.engine").write_bytes(b"\0" * 32)
+    r = segment("test", str(tmp_path / "bad.engine"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and ("TensorRT" in r.stderr or "could not be loaded" in r.stderr)
+
+
+@pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed: compile would really build")
+@pytest.mark.parametrize("argv", [["compile", "M", "out.trt", "--fp16"], ["compile", "--fp16", "M", "out.trt"],
+                                  ["compile", "M", "out.plan"]])
+def test_seed_compile_forms_parse_and_explain_missing_tensorrt(engines, tmp_path, argv):
+    model = rgb_model(engines / "rgb.onnx")
+    argv = [str(model) if a == "M" else str(tmp_path / a) if a.startswith("out") else a for a in argv]
+    r = segment(*argv)
+    assert r.returncode == 3 and "pip install '.[tensorrt]'" in r.stderr
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_engines_lists_repository(engines, capsys):
+    rgb_model(engines / "rgb.onnx")
+    assert main(["engines", "--dir", str(engines)]) == 0
+    line = capsys.readouterr().out
+    assert "rgb" in line and "onnx" in line and "[untrained]" in line
+
+
+def test_help_lists_every_command():
+    r = segment("--help")
+    for word in ("serve", "export", "compile", "run", "test", "engines", "segment compile model.onnx model.trt --fp16"):
+        assert word in r.stdout

