@@ -21,31 +21,57 @@ class ImageError(ValueError):
         self.status_code, self.detail = status_code, detail
 
 
+# Leading bytes of the formats we decode: a file that starts like one but cannot be parsed is damaged (400),
+# not of an unsupported type (415).
+SIGNATURES = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png", b"GIF8": "gif", b"BM": "bmp",
+              b"II*\x00": "tiff", b"MM\x00*": "tiff"}
+
+
 def probe(data: bytes) -> tuple[int, int, str]:
     """(width, height, format) from the header alone, without decoding pixels."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.width, im.height, (im.format or "unknown").lower()
     except UnidentifiedImageError:
+        fmt = next((f for sig, f in SIGNATURES.items() if data.startswith(sig)), None)
+        if fmt is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            fmt = "webp"
+        if fmt:
+            raise ImageError(400, f"the {fmt.upper()} image is corrupt or truncated") from None
         raise ImageError(415, "unsupported or unrecognised image format; send JPEG, PNG, BMP, WebP or TIFF") from None
     except Exception as exc:  # a header that lies or is cut short
         raise ImageError(400, f"the image header could not be read ({exc.__class__.__name__})") from None
 
 
-def decode(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode an upload to a BGR uint8 image, honouring EXIF orientation; :class:`ImageError` if unusable."""
+def _undecodable(data: bytes, fmt: str) -> ImageError:
+    """Why OpenCV could not decode: a variant it does not support (415) or damaged data (400)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            mode = im.mode
+    except Exception:
+        return ImageError(400, f"the {fmt.upper()} image is corrupt or truncated")
+    return ImageError(415, f"unsupported image: {fmt.upper()} with {mode} pixels; send JPEG, PNG, BMP, WebP or TIFF")
+
+
+def decode(data: bytes, max_pixels: int, min_side: int = 1) -> np.ndarray:
+    """Decode an upload to a BGR uint8 image, honouring EXIF orientation; :class:`ImageError` if unusable.
+
+    The size is checked from the header first, so a small file declaring a huge image (a decompression
+    bomb) is refused before any pixel is decoded.
+    """
     if not data:
         raise ImageError(400, "the uploaded file is empty")
     width, height, fmt = probe(data)
     if width * height > max_pixels:
         raise ImageError(413, f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
-    if width < 1 or height < 1:
-        raise ImageError(400, f"image has no pixels ({width}x{height})")
-    # IMREAD_COLOR: grey becomes 3 channels, alpha is dropped, 16-bit is scaled to 8, EXIF rotation applied.
+    if min(width, height) < min_side:
+        raise ImageError(400, f"image is {width}x{height}; both sides must be at least {min_side} pixels")
+    # IMREAD_COLOR: grey becomes 3 channels, alpha is dropped, 16-bit is scaled to 8, EXIF rotation applied,
+    # the first frame of an animation is taken.
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
-        raise ImageError(415 if fmt not in ("jpeg", "png", "bmp", "webp", "tiff", "gif") else 400,
-                         f"the {fmt.upper()} image could not be decoded (corrupt, truncated or unsupported)")
+        raise _undecodable(data, fmt)
     return img
 
 

@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
@@ -40,6 +41,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=PROJECT_ROOT / "static"), name="static")
     for module in (segment, engines, bench, health, page):
         app.include_router(module.router)
+
+    @app.middleware("http")
+    async def refuse_oversized_bodies(request: Request, call_next):
+        # Refuse by the declared length before a byte of the body is read (multipart adds a little framing).
+        length = request.headers.get("content-length", "")
+        limit = max(settings.max_upload_bytes, settings.max_onnx_bytes if request.url.path == "/engines" else 0)
+        if length.isdigit() and int(length) > limit + 65536:
+            return JSONResponse({"detail": f"request body of {int(length):,} bytes is over the {limit:,}-byte limit"},
+                                status_code=413)
+        return await call_next(request)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

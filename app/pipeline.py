@@ -66,10 +66,11 @@ class Stopwatch:
         self._t = now
 
 
-def segment_bytes(model: SegmentationModel, data: bytes, max_pixels: int, max_side: int) -> Segmentation:
+def segment_bytes(model: SegmentationModel, data: bytes, max_pixels: int, max_side: int,
+                  min_side: int = 1) -> Segmentation:
     """Decode and segment one upload; raises ``ImageError`` for unusable input."""
     watch = Stopwatch()
-    image = decode(data, max_pixels)
+    image = decode(data, max_pixels, min_side)
     watch.lap("decode")
     seg = segment_image(model, image, max_side)
     seg.timings = {**watch.timings, **seg.timings}

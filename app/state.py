@@ -26,6 +26,7 @@ class ServiceState:
         self._swap = threading.Lock()
         self.jobs: JobQueue | None = None
         self.bench_lock = threading.Lock()  # one benchmark at a time
+        self.inflight = 0
 
     def load(self, name: str) -> SegmentationModel:
         """Load a model of the repository with the configured backend options (not yet served)."""
@@ -51,6 +52,19 @@ class ServiceState:
         finally:
             if model is not None:
                 model.release()
+
+    @contextmanager
+    def admit(self):
+        """Count one segmentation request in flight; yields False when ``max_inflight`` are already running."""
+        # Only the event loop thread touches the counter, so no lock is needed.
+        if self.inflight >= self.settings.max_inflight:
+            yield False
+            return
+        self.inflight += 1
+        try:
+            yield True
+        finally:
+            self.inflight -= 1
 
     def start(self) -> None:
         """Load the configured model, or record in plain words why none can be served."""

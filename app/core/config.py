@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     max_onnx_bytes: int = Field(512 * 2**20, gt=0, description="Largest ONNX upload to POST /engines (413 beyond).")
     max_upload_bytes: int = Field(25 * 2**20, gt=0, description="Largest accepted upload (413 beyond).")
     max_pixels: int = Field(50_000_000, gt=0, description="Largest accepted image, width x height (413 beyond).")
+    min_side: int = Field(1, ge=1, description="Smallest accepted image side in pixels (400 below).")
+    max_inflight: int = Field(32, ge=1, description="Segmentation requests admitted at once (503 + Retry-After beyond).")
     max_dynamic_side: int = Field(2048, ge=32, description="Longest side fed to a model with dynamic H/W.")
     png_compression: int = Field(1, ge=0, le=9, description="PNG compression level of responses (1: fast).")
     log_level: str = Field("info", description="Server log level.")

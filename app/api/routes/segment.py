@@ -2,7 +2,7 @@
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, HTTPException, Query, UploadFile
+from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
@@ -14,8 +14,9 @@ router = APIRouter(tags=["segmentation"])
 
 PNG_RESPONSE = {200: {"content": {"image/png": {}},
                       "description": "The PNG; headers `Server-Timing` and `X-Timing-*-Ms` give per-stage times."}}
-ERRORS = {400: {"description": "Corrupt or truncated image"}, 413: {"description": "Upload or image too large"},
-          415: {"description": "Not a supported image format"}, 503: {"description": "No model loaded"}}
+ERRORS = {400: {"description": "Corrupt or truncated image, too small, or more than one image"},
+          413: {"description": "Upload or image too large"}, 415: {"description": "Not a supported image format"},
+          503: {"description": "No model loaded, or too many requests in flight (see Retry-After)"}}
 
 
 async def read_upload(upload: UploadFile, limit: int) -> bytes:
@@ -31,6 +32,7 @@ async def read_upload(upload: UploadFile, limit: int) -> bytes:
 
 @router.post("/segment", response_class=Response, responses={**PNG_RESPONSE, **ERRORS})
 async def segment(
+    request: Request,
     state: StateDep,
     model: ModelDep,
     image: Annotated[UploadFile, File(description="The photo: JPEG, PNG, BMP, WebP or TIFF.")],
@@ -40,15 +42,20 @@ async def segment(
 ):
     """Segment one photo. Example: `curl -F image=@street.jpg http://localhost:8000/segment -o mask.png`."""
     s = state.settings
-    data = await read_upload(image, s.max_upload_bytes)
-    try:
-        # Decode, inference and encode release the GIL in OpenCV / ONNX Runtime: run them off the event loop.
-        seg = await run_in_threadpool(segment_bytes, model, data, s.max_pixels, s.max_dynamic_side)
-    except ImageError as exc:
-        raise HTTPException(exc.status_code, detail=exc.detail) from None
-    watch = Stopwatch()
-    png = await run_in_threadpool(render, seg, model, view, alpha, s.png_compression)
-    watch.lap("encode")
+    if len((await request.form()).getlist("image")) != 1:
+        raise HTTPException(400, detail="send exactly one file in the `image` field")
+    with state.admit() as admitted:
+        if not admitted:  # bounded work in flight: shed load instead of queueing without limit
+            raise HTTPException(503, detail="the server is busy; retry shortly", headers={"Retry-After": "1"})
+        data = await read_upload(image, s.max_upload_bytes)
+        try:
+            # Decode, inference and encode release the GIL in OpenCV / ONNX Runtime: run them off the event loop.
+            seg = await run_in_threadpool(segment_bytes, model, data, s.max_pixels, s.max_dynamic_side, s.min_side)
+        except ImageError as exc:
+            raise HTTPException(exc.status_code, detail=exc.detail) from None
+        watch = Stopwatch()
+        png = await run_in_threadpool(render, seg, model, view, alpha, s.png_compression)
+        watch.lap("encode")
     timings = {**seg.timings, **watch.timings}
     state.metrics.observe_stages(timings)
     headers = {

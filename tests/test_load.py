@@ -1,0 +1,190 @@
+"""The real server on loopback: concurrent mixed load with model switches, memory, graceful shutdown.
+
+The default run is short; `python -m pytest -m load` runs the long version (1000+ requests, memory bound).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from .conftest import ROOT, decode_png, png_bytes, quadrants, rgb_model
+from .test_engines import argmin_model
+
+TOKEN = "load-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`segment serve` in a child process on 127.0.0.1."""
+
+    def __init__(self, engines: Path, model: str = "rgb"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "SEGMENT_ENGINES_DIR": str(engines), "SEGMENT_MODEL": model,
+               "SEGMENT_ADMIN_TOKEN": TOKEN, "SEGMENT_LOG_LEVEL": "info"}
+        self.log = engines.parent / f"server-{self.port}.log"  # a file, so a full pipe can never stall the server
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(self.port)],
+                                         cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server did not become ready")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> bool:
+        """SIGTERM; True when uvicorn shut down gracefully (it re-raises the signal afterwards)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return False
+        return code in (0, -signal.SIGTERM) and "Finished server process" in self.log.read_text()
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    engines = tmp_path / "engines"
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    argmin_model(engines / "weakest.onnx")
+    return engines
+
+
+def run_load(server: Server, clients: int, requests_per_client: int, switch_every: float, budget_s: float) -> dict:
+    """Mixed valid/invalid uploads from ``clients`` threads, while another thread switches models."""
+    failures, counts = [], {"valid": 0, "invalid": 0, "switches": 0}
+    lock = threading.Lock()
+    stop = threading.Event()
+    deadline = time.time() + budget_s
+
+    def client(k: int):
+        rng = np.random.default_rng(k)
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            for i in range(requests_per_client):
+                if time.time() > deadline:
+                    return
+                if i % 5 == 4:  # one request in five is not an image
+                    r = http.post("/segment", files={"image": ("x.jpg", b"not an image %d" % i, "image/jpeg")})
+                    ok = r.status_code == 415 and "detail" in r.json()
+                    kind = "invalid"
+                else:
+                    # Multiples of 32: the dynamic model then sees the image unresized, so labels are exact.
+                    h, w = 32 * int(rng.integers(1, 5)), 32 * int(rng.integers(1, 6))
+                    photo, strongest = quadrants(h, w)
+                    r = http.post("/segment", params={"view": "labels"}, files={"image": ("p.png", png_bytes(photo), "image/png")})
+                    kind = "valid"
+                    ok = r.status_code == 200
+                    if ok:  # the labels must be this request's own, from the model that served it
+                        labels = decode_png(r.content)
+                        expected = strongest if r.headers["x-model"] == "rgb" else photo[..., ::-1].argmin(axis=2)
+                        ok = labels.shape == (h, w) and np.array_equal(labels, expected)
+                with lock:
+                    counts[kind] += 1
+                    if not ok:
+                        failures.append((kind, r.status_code, r.text[:120]))
+
+    def switcher():
+        with httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            names = ["weakest", "rgb"]
+            while not stop.wait(switch_every):
+                r = http.post(f"/engines/{names[counts['switches'] % 2]}/activate")
+                with lock:
+                    counts["switches"] += 1
+                    if r.status_code != 200:
+                        failures.append(("switch", r.status_code, r.text[:120]))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    sw = threading.Thread(target=switcher)
+    sw.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    sw.join()
+    return {"failures": failures, **counts}
+
+
+def test_short_mixed_load_with_model_switches(repo):
+    server = Server(repo)
+    try:
+        result = run_load(server, clients=8, requests_per_client=20, switch_every=0.2, budget_s=60)
+    finally:
+        assert server.stop()
+    assert result["failures"] == []
+    assert result["valid"] >= 100 and result["invalid"] >= 30 and result["switches"] >= 1
+
+
+@pytest.mark.load
+def test_long_load_memory_stays_flat(repo):
+    """1000+ requests after a warm-up; resident memory grows by less than 5%."""
+    server = Server(repo)
+    try:
+        run_load(server, clients=8, requests_per_client=25, switch_every=0.5, budget_s=30)  # warm-up
+        before = server.rss_kib()
+        result = run_load(server, clients=8, requests_per_client=130, switch_every=0.5, budget_s=60)
+        after = server.rss_kib()
+    finally:
+        server.stop()
+    assert result["failures"] == []
+    assert result["valid"] + result["invalid"] >= 1000
+    growth = (after - before) / before
+    print(f"\nRSS before {before} KiB, after {after} KiB, growth {growth:.2%} over "
+          f"{result['valid'] + result['invalid']} requests and {result['switches']} switches")
+    assert growth < 0.05
+
+
+def test_sigterm_lets_in_flight_requests_finish_and_restart_keeps_registry(repo):
+    server = Server(repo)
+    before = httpx.get(f"{server.url}/engines").json()["engines"]
+    photo, truth = quadrants(2000, 3000)  # large enough to still be in flight when the signal lands
+    data = png_bytes(photo)
+    results = []
+
+    def request():
+        r = httpx.post(f"{server.url}/segment", params={"view": "labels"},
+                       files={"image": ("p.png", data, "image/png")}, timeout=60)
+        results.append(r)
+
+    threads = [threading.Thread(target=request) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    graceful = server.stop()
+    for t in threads:
+        t.join()
+    assert graceful
+    assert [r.status_code for r in results] == [200, 200, 200]
+    assert all(np.array_equal(decode_png(r.content), truth) for r in results)
+
+    again = Server(repo)
+    try:
+        assert httpx.get(f"{again.url}/engines").json()["engines"] == before
+    finally:
+        again.stop()

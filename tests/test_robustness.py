@@ -1,0 +1,110 @@
+"""Bad input, limits and fuzzing: every odd upload gets its promised answer, never a 5xx, never a dead server."""
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.imaging import ImageError, decode
+from app.pipeline import segment_image
+from app.runner import load_model
+
+from .conftest import decode_png, make_client, png_bytes, quadrants, rgb_model
+from .corpus import CASES
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    engines = tmp_path_factory.mktemp("engines")
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    with make_client(engines, "rgb", max_pixels=40_000_000) as c:
+        yield c
+
+
+def test_corpus_is_large_enough():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name,filename,ctype,data,status,shape", CASES, ids=[c[0] for c in CASES])
+def test_corpus(server, name, filename, ctype, data, status, shape):
+    r = server.post("/segment", params={"view": "labels"}, files={"image": (filename, data, ctype)})
+    assert r.status_code == status, (name, r.text[:200])
+    if status == 200:
+        labels = decode_png(r.content)
+        assert labels.shape == shape
+        assert labels.max() <= 2
+    else:
+        assert r.headers["content-type"] == "application/json" and r.json()["detail"]
+    assert server.get("/readyz").status_code == 200
+
+
+def test_request_shapes(server):
+    good = png_bytes(quadrants(32, 32)[0])
+    r = server.post("/segment", files={"photo": ("a.png", good, "image/png")})
+    assert r.status_code == 422  # wrong field name
+    r = server.post("/segment", files=[("image", ("a.png", good, "image/png")), ("image", ("b.png", good, "image/png"))])
+    assert r.status_code == 400 and "exactly one" in r.json()["detail"]
+    r = server.post("/segment", data={"image": "just a string"})
+    assert r.status_code in (400, 422)
+    r = server.post("/segment", content=b"raw body", headers={"content-type": "image/png"})
+    assert r.status_code == 422
+    assert server.post("/segment", params={"view": "nope"}, files={"image": ("a.png", good, "image/png")}).status_code == 422
+    assert server.post("/segment", params={"alpha": 2}, files={"image": ("a.png", good, "image/png")}).status_code == 422
+
+
+def test_declared_oversize_body_refused_before_reading(engines):
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    with make_client(engines, "rgb", max_upload_bytes=10_000) as c:
+        r = c.post("/segment", content=b"x" * 200_000,
+                   headers={"content-type": "multipart/form-data; boundary=zzz", "content-length": "200000"})
+        assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+
+def test_min_side(engines):
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    with make_client(engines, "rgb", min_side=8) as c:
+        r = c.post("/segment", files={"image": ("a.png", png_bytes(quadrants(4, 40)[0]), "image/png")})
+        assert r.status_code == 400 and "at least 8" in r.json()["detail"]
+
+
+def test_overload_answers_503_with_retry_after(engines):
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    with make_client(engines, "rgb", max_inflight=1) as c:
+        state = c.app.state.service
+        with state.admit():  # one request already in flight
+            r = c.post("/segment", files={"image": ("a.png", png_bytes(quadrants(32, 32)[0]), "image/png")})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert c.post("/segment", files={"image": ("a.png", png_bytes(quadrants(32, 32)[0]), "image/png")}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def dynamic_model(tmp_path_factory):
+    m = load_model(rgb_model(tmp_path_factory.mktemp("m") / "rgb.onnx", height="H", width="W"))
+    yield m
+    m.close()
+
+
+@given(h=st.integers(1, 300), w=st.integers(1, 300), seed=st.integers(0, 2**32 - 1),
+       fmt=st.sampled_from([".png", ".jpg", ".bmp", ".webp"]), channels=st.sampled_from([1, 3, 4]))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_decodable_image_gives_a_mask_of_its_size(dynamic_model, h, w, seed, fmt, channels):
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, channels) if channels > 1 else (h, w), np.uint8)
+    if fmt in (".jpg", ".webp") and channels == 4:
+        pixels = pixels[..., :3]
+    data = cv2.imencode(fmt, pixels)[1].tobytes()
+    image = decode(data, max_pixels=10**8)
+    seg = segment_image(dynamic_model, image)
+    assert seg.labels.shape == (h, w)
+    assert seg.labels.min() >= 0 and seg.labels.max() < dynamic_model.num_classes
+
+
+@given(data=st.binary(max_size=2048))
+@settings(max_examples=200, deadline=None)
+def test_arbitrary_bytes_never_crash_the_decoder(data):
+    try:
+        image = decode(data, max_pixels=10**7)
+    except ImageError as exc:
+        assert exc.status_code in (400, 413, 415) and exc.detail
+    else:
+        assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
