@@ -1,9 +1,16 @@
-"""Shared fixtures: tiny ONNX models whose right answer is known, built with onnx.helper."""
+"""Shared fixtures: tiny ONNX models whose right answer is known, built with onnx.helper; a real server."""
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
+import httpx
 import numpy as np
 import onnx
 import pytest
@@ -82,3 +89,54 @@ def client(engines):
     rgb_model(engines / "rgb.onnx", height="H", width="W")
     with make_client(engines, "rgb") as c:
         yield c
+
+
+TOKEN = "test-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`segment serve` in a child process on 127.0.0.1."""
+
+    def __init__(self, engines: Path, model: str = "rgb"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "SEGMENT_ENGINES_DIR": str(engines), "SEGMENT_MODEL": model,
+               "SEGMENT_ADMIN_TOKEN": TOKEN, "SEGMENT_LOG_LEVEL": "info"}
+        self.log = engines.parent / f"server-{self.port}.log"  # a file, so a full pipe can never stall the server
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(self.port)],
+                                         cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server did not become ready")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> bool:
+        """SIGTERM; True when uvicorn shut down gracefully (it re-raises the signal afterwards)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return False
+        return code in (0, -signal.SIGTERM) and "Finished server process" in self.log.read_text()
+
+

@@ -183,3 +183,25 @@ def test_path_traversal_model_name_refused(engines):
     with make_client(engines, "../outside") as c:
         assert c.get("/readyz").status_code == 503
         assert "invalid model name" in c.get("/readyz").json()["detail"]
+
+
+def test_json_view_for_the_page(client):
+    import base64
+
+    photo, truth = quadrants(64, 96)
+    r = client.post("/segment/json", files={"image": ("p.png", png_bytes(photo), "image/png")})
+    assert r.status_code == 200
+    body = r.json()
+    assert (body["width"], body["height"]) == (96, 64)
+    assert body["model"] == {"name": "rgb", "backend": "onnxruntime", "device": body["model"]["device"],
+                             "precision": "fp32", "dataset": "custom", "trained": False}
+    labels = decode_png(base64.b64decode(body["labels_png"]))
+    assert np.array_equal(labels, truth)
+    mask = decode_png(base64.b64decode(body["mask_png"]))
+    assert np.array_equal(mask, np.array(RGB_META["palette"], np.uint8)[:, ::-1][truth])
+    shares = {c["name"]: c for c in body["classes"]}
+    for i, name in enumerate(["red", "green", "blue"]):
+        assert shares[name]["pixels"] == int((truth == i).sum())
+        assert shares[name]["color"] == "#{:02x}{:02x}{:02x}".format(*RGB_META["palette"][i])
+    assert abs(sum(c["percent"] for c in body["classes"]) - 100) < 1e-9
+    assert set(body["timings_ms"]) == {"decode", "preprocess", "inference", "postprocess", "encode"}

@@ -12,4 +12,4 @@ router = APIRouter(include_in_schema=False)
 def index(request: Request, state: StateDep):
     model = state.model.describe() if state.model else None
     return request.app.state.templates.TemplateResponse(
-        request, "index.html", {"model": model, "problem": state.problem})
+        request, "index.html", {"model": model, "problem": state.problem, "max_bytes": state.settings.max_upload_bytes})

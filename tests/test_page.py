@@ -1,0 +1,90 @@
+"""The upload page in a real browser: Debian's Chromium driven by Playwright, against the real server."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, SAMPLE, Server
+
+CHROMIUM = Path("/usr/bin/chromium")
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install chromium)")
+
+# As the machine's notes advise: no sandbox as root, and no background network traffic on a closed network.
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    engines = tmp_path_factory.mktemp("repo") / "engines"
+    shutil.copytree(ROOT / "engines", engines)  # the bundled, trained default model
+    s = Server(engines, model="camvid_bisenetv2")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+def test_upload_shows_mask_overlay_legend_and_errors(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server.url)
+    assert "untrained" not in page.inner_text("header")
+    assert "camvid_bisenetv2" in page.inner_text("#model-info")
+    assert page.get_attribute("label[for=image]", "for") == "image"  # the drop zone is the file input's label
+
+    page.set_input_files("#image", str(SAMPLE))
+    assert page.is_visible("#preview")
+    page.click("#submit")
+    page.wait_for_selector("#results:not([hidden])", timeout=60_000)
+    page.wait_for_function("document.getElementById('mask').naturalWidth > 0")
+
+    sizes = page.evaluate("""() => {
+        const o = document.getElementById('original'), m = document.getElementById('mask'), c = document.getElementById('overlay');
+        return [o.naturalWidth, o.naturalHeight, m.naturalWidth, m.naturalHeight, c.width, c.height];
+    }""")
+    assert sizes == [2048, 1024, 2048, 1024, 2048, 1024]  # mask and overlay keep the original's size and aspect
+
+    percents = [float(p) for p in page.eval_on_selector_all("#legend li", "els => els.map(e => e.dataset.percent)")]
+    names = page.eval_on_selector_all("#legend li .name", "els => els.map(e => e.textContent)")
+    assert len(percents) >= 3 and abs(sum(percents) - 100.0) < 0.01
+    assert {"road", "building", "car"} <= set(names)
+    assert "inference" in page.inner_text("#timings")
+    assert page.get_attribute("#download-mask", "href").startswith("data:image/png;base64,")
+
+    page.fill("#opacity", "20")
+    page.dispatch_event("#opacity", "input")
+    assert page.get_attribute("#overlay", "data-alpha") == "0.2"
+    assert page.inner_text("#opacity-value") == "20%"
+    page.screenshot(path=str(tmp_path / "result.png"), full_page=True)
+
+    # Not an image: the server's 415 shown inline, in plain words.
+    page.set_input_files("#image", files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"just text"}])
+    page.click("#submit")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "not an image" in page.inner_text("#error")
+    assert page.is_hidden("#results") and page.is_hidden("#preview")  # no stale result, no broken preview
+    page.screenshot(path=str(tmp_path / "error.png"), full_page=True)
+    page.close()
+
+
+def test_phone_sized_screen_and_keyboard(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+    page.goto(server.url)
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") in ("drop-zone", "image")
+    page.set_input_files("#image", str(SAMPLE))
+    page.keyboard.press("Enter") if page.evaluate("document.activeElement.id") == "submit" else page.click("#submit")
+    page.wait_for_selector("#results:not([hidden])", timeout=60_000)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390  # no horizontal scrolling on a phone
+    page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+    page.close()
