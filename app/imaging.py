@@ -85,6 +85,20 @@ def overlay(image_bgr: np.ndarray, mask_bgr: np.ndarray, alpha: float) -> np.nda
     return cv2.addWeighted(image_bgr, 1.0 - alpha, mask_bgr, alpha, 0.0)
 
 
+def encode_indexed_png(labels: np.ndarray, palette_rgb: np.ndarray | None, compression: int = 1) -> bytes:
+    """PNG of class ids: with a palette, a colour mask stored as an indexed PNG (one byte per pixel, no
+    colour lookup needed: about 10x faster than encoding the RGB mask); without, a grey image of the ids."""
+    if labels.dtype != np.uint8:  # more than 256 classes: 16-bit grey ids (no palette possible)
+        return encode_png(labels.astype(np.uint16), compression)
+    mode = "P" if palette_rgb is not None else "L"
+    im = Image.frombuffer(mode, (labels.shape[1], labels.shape[0]), np.ascontiguousarray(labels), "raw", mode, 0, 1)
+    if palette_rgb is not None:
+        im.putpalette(palette_rgb.astype(np.uint8).tobytes())
+    buf = io.BytesIO()
+    im.save(buf, "PNG", compress_level=compression)
+    return buf.getvalue()
+
+
 def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
     """PNG bytes of a BGR, grey or 16-bit image; low compression keeps encoding fast."""
     ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, compression])

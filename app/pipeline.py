@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .imaging import colorize, decode, encode_png, overlay
+from .imaging import colorize, decode, encode_indexed_png, encode_png, overlay
 from .runner import SegmentationModel
 
 VIEWS = ("mask", "overlay", "labels")
@@ -99,5 +99,10 @@ def view_image(seg: Segmentation, model: SegmentationModel, view: str, alpha: fl
 
 
 def render(seg: Segmentation, model: SegmentationModel, view: str, alpha: float, compression: int) -> bytes:
-    """PNG bytes of a view."""
+    """PNG bytes of a view. Mask and labels are written as indexed / grey PNGs straight from the class ids."""
+    labels = seg.labels if model.num_classes <= 256 else seg.labels.astype(np.uint16)
+    if view == "mask" and labels.dtype == np.uint8:
+        return encode_indexed_png(labels, model.palette, compression)
+    if view == "labels":
+        return encode_indexed_png(labels, None, compression)
     return encode_png(view_image(seg, model, view, alpha), compression)
