@@ -25,6 +25,7 @@ class BenchConfig:
     warmup_iterations: int = 10
     warmup_seconds: float | None = None
     batch: int = 1
+    size: tuple[int, int] | None = None  # (H, W) fed to a model with dynamic H/W; default: from the image
     image: Path = DEFAULT_IMAGE
     max_side: int = 2048
 
@@ -44,19 +45,32 @@ def percentiles(ms: np.ndarray) -> dict:
             "p95": float(p95), "p99": float(p99), "max": float(ms.max())}
 
 
+def _fed_size(model: SegmentationModel, cfg: BenchConfig, image_hw: tuple[int, int]) -> tuple[int, int]:
+    if cfg.size is None:
+        return input_size(model, *image_hw, cfg.max_side)
+    fixed = model.input_hw
+    if any(f and f != s for f, s in zip(fixed, cfg.size)):
+        raise ValueError(f"{model.name} has a fixed input of {fixed[0]}x{fixed[1]}; it cannot take {cfg.size[0]}x{cfg.size[1]}")
+    if any(s % 32 for s in cfg.size):
+        raise ValueError("height and width must be multiples of 32")
+    return cfg.size
+
+
 def run(model: SegmentationModel, cfg: BenchConfig, progress: Callable[[int], None] | None = None) -> dict:
     """Benchmark ``model``; ``progress(n)`` is called after each timed iteration."""
     data = Path(cfg.image).read_bytes()
     stages: dict[str, list[float]] = {}
     if cfg.mode == "engine":
         seg = segment_bytes(model, data, 1 << 62, cfg.max_side)  # real pixels, prepared once
-        h, w = input_size(model, *seg.image.shape[:2], cfg.max_side)
+        h, w = _fed_size(model, cfg, seg.image.shape[:2])
         x = np.ascontiguousarray(np.repeat(preprocess(seg.image, model, (h, w)), cfg.batch, axis=0))
         shape = list(x.shape)
 
         def step():
             model.infer(x)
     else:
+        if cfg.size is not None:
+            raise ValueError("e2e mode feeds the image as a request would; --size applies to engine mode")
         seg = segment_bytes(model, data, 1 << 62, cfg.max_side)
         h, w = input_size(model, *seg.image.shape[:2], cfg.max_side)
         shape = [1, 3, h, w]

@@ -79,6 +79,14 @@ def _shape(text: str) -> tuple[int, int, int]:
     return b, h, w
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 512x1024, got {text!r}") from None
+    return h, w
+
+
 def cmd_compile(args) -> int:
     from .compiler import BuildOptions, compile_engine
     from .runner import ENGINE_SUFFIXES, ModelError
@@ -134,11 +142,14 @@ def cmd_test(args) -> int:
 
     cfg = bench.BenchConfig(mode=args.mode, iterations=args.iterations, seconds=args.seconds,
                             warmup_iterations=args.warmup, warmup_seconds=args.warmup_seconds, batch=args.batch,
+                            size=args.size,
                             **({"image": args.image} if args.image else {}))
     model = _load(args.model)
     try:
         with tqdm(total=cfg.iterations, desc="timing", unit="it", leave=False) as bar:
             report = bench.run(model, cfg, progress=lambda n: bar.update(n - bar.n))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     finally:
         model.close()
     print(bench.table(report))
@@ -197,6 +208,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aux-weight", type=float, default=1.0)
     p.add_argument("--aux-loss", default="ce", choices=["ce", "ohem"], help="loss of the auxiliary heads (main: OHEM)")
     p.add_argument("--eval-sizes", default="352x480,384x480,448x608", help="val sizes for the final PyTorch eval")
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="save a resumable checkpoint every N iterations")
+    p.add_argument("--resume", type=Path, help="continue from a checkpoint written by --checkpoint-every")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
 
@@ -255,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=10, help="warm-up iterations")
     p.add_argument("--warmup-seconds", type=float, help="warm up for at least this long")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--size", type=_size, metavar="HxW", help="input size for a model with dynamic H/W (engine mode)")
     p.add_argument("--image", type=Path, help="input image (default: the bundled Cityscapes sample)")
     p.add_argument("--json", type=Path, help="save the report")
     p.set_defaults(func=cmd_test)

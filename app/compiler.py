@@ -99,7 +99,8 @@ def calibration_batches(folder: Path, meta: ModelMeta, size: tuple[int, int], li
     """Pre-processed images from ``folder`` (same pre-processing as the service), one per batch."""
     import cv2
 
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp"))[:limit]
+    paths = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".img"))[:limit]
     if not paths:
         raise ValueError(f"no calibration images in {folder}")
     mean, std = np.asarray(meta.mean) * 255.0, np.asarray(meta.std) * 255.0
@@ -109,6 +110,32 @@ def calibration_batches(folder: Path, meta: ModelMeta, size: tuple[int, int], li
         img = cv2.imread(str(p), cv2.IMREAD_COLOR)
         if img is not None:
             yield cv2.dnn.blobFromImageWithParams(img, params)
+
+
+def calibration_key(onnx_path: Path, calib_dir: Path, size: tuple[int, int], limit: int) -> str:
+    """Identifies a calibration: the model, the images (by content), the input size and the image count."""
+    import hashlib
+
+    h = hashlib.sha256(f"{sha256_file(onnx_path)}|{size}|{limit}".encode())
+    for p in sorted(calib_dir.iterdir())[: limit * 4]:
+        if p.is_file():
+            h.update(sha256_file(p).encode())
+    return h.hexdigest()[:32]
+
+
+def cached_qdq(onnx_path: Path, cache_dir: Path, input_name: str, meta: ModelMeta, size: tuple[int, int],
+               calib_dir: Path, limit: int, progress: Callable[[str], None] = log.info) -> Path:
+    """The calibrated Q/DQ model from the calibration cache, calibrating only on a miss."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cached = cache_dir / f"{calibration_key(onnx_path, calib_dir, size, limit)}.qdq.onnx"
+    if cached.exists():
+        progress(f"calibration cache hit: {cached.name}")
+        return cached
+    progress(f"calibrating int8 ranges on {calib_dir} (cache miss)")
+    tmp = cache_dir / f".{cached.name}.tmp"
+    quantize_qdq(onnx_path, tmp, input_name, meta, size, calib_dir, limit)
+    os.replace(tmp, cached)
+    return cached
 
 
 def quantize_qdq(onnx_path: Path, out_path: Path, input_name: str, meta: ModelMeta, size: tuple[int, int],
@@ -165,9 +192,8 @@ def compile_engine(onnx_path: Path, engine_path: Path, opts: BuildOptions,
     try:
         source = onnx_path
         if opts.precision == "int8":
-            progress(f"calibrating int8 ranges on {opts.calib_dir}")
-            source = quantize_qdq(onnx_path, work / "qdq.onnx", input_name, meta, shapes["opt"][2:],
-                                  Path(opts.calib_dir), opts.calib_images)
+            source = cached_qdq(onnx_path, engine_path.parent / ".calibration-cache", input_name, meta,
+                                shapes["opt"][2:], Path(opts.calib_dir), opts.calib_images, progress)
         timing_cache = engine_path.parent / ".timing.cache"
         progress("building the engine (minutes for large models)")
         start = time.perf_counter()

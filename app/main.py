@@ -6,12 +6,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from .api.routes import bench, engines, health, page, segment
 from .core.config import PROJECT_ROOT, Settings, get_settings
+from .limits import BodyLimitMiddleware
 from .state import ServiceState
 
 
@@ -41,16 +41,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=PROJECT_ROOT / "static"), name="static")
     for module in (segment, engines, bench, health, page):
         app.include_router(module.router)
-
-    @app.middleware("http")
-    async def refuse_oversized_bodies(request: Request, call_next):
-        # Refuse by the declared length before a byte of the body is read (multipart adds a little framing).
-        length = request.headers.get("content-length", "")
-        limit = max(settings.max_upload_bytes, settings.max_onnx_bytes if request.url.path == "/engines" else 0)
-        if length.isdigit() and int(length) > limit + 65536:
-            return JSONResponse({"detail": f"request body of {int(length):,} bytes is over the {limit:,}-byte limit"},
-                                status_code=413)
-        return await call_next(request)
+    # Multipart framing adds a little to the file itself; ONNX uploads have their own, larger limit.
+    app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: 65536 + (
+        max(settings.max_onnx_bytes, settings.max_upload_bytes) if path == "/engines" else settings.max_upload_bytes))
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

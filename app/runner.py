@@ -7,6 +7,8 @@ The model's contract (input name, layout, size, output kind) is read from the mo
 
 import logging
 import platform
+import time
+from collections import OrderedDict
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -133,6 +135,24 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def numpy_onnxrt_runner():
+    """Polygraphy's ``OnnxrtRunner`` for NumPy inputs only.
+
+    The stock ``infer_impl`` asks of every input whether it is a torch tensor, which imports torch whenever
+    it is installed (1-2 s and hundreds of MB); the service only ever feeds NumPy arrays.
+    """
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    class NumpyOnnxrtRunner(OnnxrtRunner):
+        def infer_impl(self, feed_dict):
+            start = time.perf_counter()
+            outputs = self.sess.run(None, feed_dict)
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict(zip((o.name for o in self.sess.get_outputs()), outputs))
+
+    return NumpyOnnxrtRunner
+
+
 def make_runner(path: Path, backend: str = "auto", providers: str = "auto", threads: int = 0):
     """The Polygraphy runner for ``path`` (not yet activated) and a short backend name."""
     suffix = path.suffix.lower()
@@ -140,10 +160,8 @@ def make_runner(path: Path, backend: str = "auto", providers: str = "auto", thre
         if backend == "tensorrt":
             raise ModelError(f"{path.name} is an ONNX model but backend=tensorrt: compile it first "
                              "(`segment compile` or POST /engines)")
-        from polygraphy.backend.onnxrt import OnnxrtRunner
-
         check_onnx_graph(path)
-        return OnnxrtRunner(OrtSessionLoader(path, providers, threads), name=path.stem), "onnxruntime"
+        return numpy_onnxrt_runner()(OrtSessionLoader(path, providers, threads), name=path.stem), "onnxruntime"
     if suffix in ENGINE_SUFFIXES:
         if backend == "onnxruntime":
             raise ModelError(f"{path.name} is a TensorRT engine but backend=onnxruntime")

@@ -38,6 +38,19 @@ def test_engine_mode_report(model):
     assert report["input_shape"] == [2, 3, 1024, 2048] and report["warmup_iterations"] == 3
 
 
+def test_input_size_for_dynamic_models(model, engines):
+    report = bench.run(model, bench.BenchConfig(iterations=3, warmup_iterations=1, size=(256, 512)))
+    assert report["input_shape"] == [1, 3, 256, 512]
+    with pytest.raises(ValueError, match="multiples of 32"):
+        bench.run(model, bench.BenchConfig(iterations=1, size=(100, 100)))
+    fixed = load_model(rgb_model(engines / "fixed.onnx", height=64, width=64))
+    try:
+        with pytest.raises(ValueError, match="fixed input of 64x64"):
+            bench.run(fixed, bench.BenchConfig(iterations=1, size=(128, 128)))
+    finally:
+        fixed.close()
+
+
 def test_e2e_mode_has_stage_means(model):
     report = bench.run(model, bench.BenchConfig(mode="e2e", iterations=5, warmup_iterations=1))
     check_report(report, 5, 1)
@@ -59,6 +72,8 @@ def test_bench_route_caps_and_auth(engines):
         assert c.get("/bench", headers=TOKEN, params={"seconds": 31}).status_code == 422
         assert c.get("/bench", headers=TOKEN, params={"iterations": 2001}).status_code == 422
         assert c.get("/bench", headers=TOKEN, params={"mode": "e2e", "batch": 2}).status_code == 400
+        r = c.get("/bench", headers=TOKEN, params={"iterations": 2, "height": 64, "width": 128})
+        assert r.status_code == 200 and r.json()["input_shape"] == [1, 3, 64, 128]
 
 
 def test_concurrent_bench_is_refused_with_409(engines):

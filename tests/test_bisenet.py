@@ -143,3 +143,36 @@ def test_custom_argmax_graph_is_refused(tmp_path):
     onnx.save(helper.make_model(graph), str(tmp_path / "pred.onnx"))
     with pytest.raises(ModelError, match="CustomArgMax.*--aux-mode eval.*segment export"):
         load_model(tmp_path / "pred.onnx")
+
+
+def test_training_tool_runs_checkpoints_and_resumes(tmp_path):
+    """Two iterations on CPU over a tiny CamVid-layout set: weights, log, checkpoint, resume, mIoU report."""
+    import json
+
+    import cv2
+
+    from app.cli import build_parser
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (tmp_path / "data" / "images" / split).mkdir(parents=True)
+        (tmp_path / "data" / "labels" / split).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(tmp_path / "data" / "images" / split / f"{i}.jpg"), rng.integers(0, 255, (64, 96, 3), np.uint8))
+            cv2.imwrite(str(tmp_path / "data" / "labels" / split / f"{i}.png"), rng.integers(0, 12, (64, 96), np.uint8))
+    argv = ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--iters", "2", "--batch", "2",
+            "--crop", "64", "96", "--warmup", "1", "--eval-sizes", "64x96", "--checkpoint-every", "1"]
+    args = build_parser().parse_args(argv)
+    summary = args.func(args)
+    assert summary == 0
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["iterations"] == 2 and 0.0 <= log["val_torch"]["64x96"]["miou"] <= 1.0
+    assert set(log["val_torch"]["64x96"]["per_class_iou"]) == {"sky", "building", "pole", "road", "sidewalk", "tree",
+                                                                 "sign", "fence", "car", "pedestrian", "bicyclist"}
+    model = build_model("bisenetv2", 11)
+    load_checkpoint(model, tmp_path / "run" / "weights.pth")  # inference weights, upstream layout
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert ckpt["iteration"] == 2
+    resumed = build_parser().parse_args(argv[:-2] + ["--iters", "3", "--resume", str(tmp_path / "run" / "checkpoint.pth")])
+    resumed.func(resumed)
+    assert json.loads((tmp_path / "run" / "train_log.json").read_text())["iterations"] == 3

@@ -61,6 +61,34 @@ def test_declared_oversize_body_refused_before_reading(engines):
         assert r.status_code == 413 and "limit" in r.json()["detail"]
 
 
+def test_streamed_oversize_body_cut_off_while_reading(engines):
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    sent = []
+
+    def chunks():  # no Content-Length: the limit must be enforced as the body streams in
+        yield b"--zzz\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n"
+        for _ in range(200):
+            sent.append(1)
+            yield b"\0" * 65536
+        yield b"\r\n--zzz--\r\n"
+
+    with make_client(engines, "rgb", max_upload_bytes=100_000) as c:
+        r = c.post("/segment", content=chunks(), headers={"content-type": "multipart/form-data; boundary=zzz"})
+        assert r.status_code == 413 and "limit" in r.json()["detail"]
+        assert c.get("/readyz").status_code == 200
+
+
+def test_symlink_out_of_the_repository_is_refused(engines, tmp_path):
+    outside = rgb_model(tmp_path / "outside" / "secret.onnx")
+    (engines / "sneaky.onnx").symlink_to(outside)
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    with make_client(engines, "rgb", admin_token="t") as c:
+        r = c.post("/engines/sneaky/activate", headers={"Authorization": "Bearer t"})
+        assert r.status_code == 400 and "outside the model repository" in r.json()["detail"]
+    with make_client(engines, "sneaky") as c:
+        assert c.get("/readyz").status_code == 503
+
+
 def test_min_side(engines):
     rgb_model(engines / "rgb.onnx", height="H", width="W")
     with make_client(engines, "rgb", min_side=8) as c:

@@ -205,3 +205,27 @@ def test_json_view_for_the_page(client):
         assert shares[name]["color"] == "#{:02x}{:02x}{:02x}".format(*RGB_META["palette"][i])
     assert abs(sum(c["percent"] for c in body["classes"]) - 100) < 1e-9
     assert set(body["timings_ms"]) == {"decode", "preprocess", "inference", "postprocess", "encode"}
+
+
+def test_serving_never_imports_torch(engines):
+    """PyTorch is for export and training only: building and running the service must not load it."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    code = (
+        "import sys\n"
+        "from fastapi.testclient import TestClient\n"
+        "from app.core.config import Settings\n"
+        "from app.main import create_app\n"
+        "from app.cli import build_parser\n"
+        f"app = create_app(Settings(engines_dir={str(engines)!r}, model='rgb'))\n"
+        "build_parser()\n"
+        "with TestClient(app) as c:\n"
+        "    assert c.get('/readyz').status_code == 200\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -58,6 +58,14 @@ def evaluate_torch(model, images, labels, mean, std, size, num_classes, device) 
     return report(conf, CAMVID_CLASSES[:num_classes] if num_classes == 11 else [str(c) for c in range(num_classes)])
 
 
+def save_checkpoint(path: Path, model, optim, iteration: int, elapsed: float) -> None:
+    """Everything needed to resume, written atomically (a crash mid-save keeps the previous checkpoint)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "iteration": iteration,
+                "elapsed": elapsed}, tmp)
+    tmp.replace(path)
+
+
 def main(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,6 +86,12 @@ def main(args: argparse.Namespace) -> dict:
     aux_criterion = criterion if args.aux_loss == "ohem" else torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
 
     log, start, it = [], time.time(), 0
+    if args.resume:
+        ckpt = torch.load(args.resume, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optim.load_state_dict(ckpt["optim"])
+        it, start = int(ckpt["iteration"]), time.time() - float(ckpt["elapsed"])
+        print(f"resumed from {args.resume} at iteration {it}", flush=True)
     while True:
         elapsed = time.time() - start
         progress = max(it / args.iters, elapsed / (args.minutes * 60) if args.minutes else 0.0)
@@ -93,6 +107,8 @@ def main(args: argparse.Namespace) -> dict:
         loss.backward()
         optim.step()
         it += 1
+        if args.checkpoint_every and it % args.checkpoint_every == 0:
+            save_checkpoint(out / "checkpoint.pth", model, optim, it, time.time() - start)
         if it % 200 == 0:
             rate = it / (time.time() - start)
             entry = {"iter": it, "loss": round(loss.item(), 4), "lr": round(optim.param_groups[0]["lr"], 5),
@@ -114,7 +130,7 @@ def main(args: argparse.Namespace) -> dict:
         evals[size] = evaluate_torch(inference, va_img, va_lab, mean, std, (h, w), args.classes, device)
         print(f"val mIoU at {size}: {evals[size]['miou']:.4f}", flush=True)
     summary = {"iterations": it, "train_seconds": round(train_s, 1), "mean": mean, "std": std,
-               "args": {k: v for k, v in vars(args).items() if k != "func"}, "val_torch": evals, "log": log,
+               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}, "val_torch": evals, "log": log,
                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "torch": torch.__version__}
     (out / "train_log.json").write_text(json.dumps(summary, indent=1))

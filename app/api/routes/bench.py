@@ -22,6 +22,8 @@ async def run_bench(
     seconds: Annotated[float, Query(gt=0, le=MAX_SECONDS, description="Timing stops after this long")] = 10.0,
     warmup: Annotated[int, Query(ge=0, le=100)] = 5,
     batch: Annotated[int, Query(ge=1, le=64)] = 1,
+    height: Annotated[int | None, Query(ge=32, le=4096, description="Input height (dynamic-H/W models)")] = None,
+    width: Annotated[int | None, Query(ge=32, le=4096, description="Input width (dynamic-H/W models)")] = None,
 ) -> dict:
     """Throughput and latency percentiles of the served model (capped at 30 s of timing and 2000 iterations).
 
@@ -32,7 +34,9 @@ async def run_bench(
     if not state.bench_lock.acquire(blocking=False):
         raise HTTPException(409, detail="a benchmark is already running; try again when it has finished")
     try:
-        cfg = bench.BenchConfig(mode=mode, iterations=iterations, seconds=seconds, warmup_iterations=warmup, batch=batch)
+        size = (height, width) if height and width else None
+        cfg = bench.BenchConfig(mode=mode, iterations=iterations, seconds=seconds, warmup_iterations=warmup,
+                                batch=batch, size=size)
         return await run_in_threadpool(bench.run, model, cfg)
     except ValueError as exc:
         raise HTTPException(400, detail=str(exc)) from None

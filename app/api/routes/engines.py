@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, HTTPException, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -22,6 +22,26 @@ def _http(exc: ModelError) -> HTTPException:
     status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, (Conflict, IncompatibleEngine)) else \
         503 if isinstance(exc, TensorRTUnavailable) else 400
     return HTTPException(status, detail=str(exc))
+
+
+async def save_calibration_set(state, name: str, uploads: list[UploadFile]) -> None:
+    """Check each upload is a usable image, then store the set as engines/calibration/<name>/."""
+    from ...imaging import ImageError, decode
+
+    folder = state.registry.root / "calibration" / name
+    if folder.exists():
+        raise HTTPException(409, detail=f"a calibration set called {name!r} already exists; use calib_source={name}")
+    s, files = state.settings, []
+    for i, upload in enumerate(uploads):
+        data = await read_upload(upload, s.max_upload_bytes)
+        try:
+            await run_in_threadpool(decode, data, s.max_pixels, s.min_side)
+        except ImageError as exc:
+            raise HTTPException(exc.status_code, detail=f"calibration image {i} ({upload.filename}): {exc.detail}") from None
+        files.append(data)
+    folder.mkdir(parents=True)
+    for i, data in enumerate(files):
+        (folder / f"{i:04d}.img").write_bytes(data)
 
 
 @router.get("")
@@ -89,6 +109,8 @@ async def create(
     max_shape: Annotated[str | None, Form(description="Dynamic profile maximum, 'batch,height,width'")] = None,
     workspace_mb: Annotated[int | None, Form(gt=0)] = None,
     calib_source: Annotated[str | None, Form(description="int8: calibration image folder name under engines/calibration")] = None,
+    calib_images: Annotated[list[UploadFile] | None, File(description="int8: calibration photos, stored as "
+                                                          "engines/calibration/<name>")] = None,
     metadata: Annotated[str | None, Form(description="JSON metadata for an uploaded ONNX (dataset, classes, mean/std...)")] = None,
 ):
     """Register an ONNX model for ONNX Runtime (201), or compile one into a TensorRT engine (202 + job)."""
@@ -134,8 +156,12 @@ async def create(
         if value is not None:
             args += [flag, str(value)]
     if precision == "int8":
+        if calib_images:
+            calib_source = name
+            await save_calibration_set(state, name, calib_images)
         if not calib_source:
-            raise HTTPException(422, detail="int8 needs `calib_source`: a folder of images under engines/calibration")
+            raise HTTPException(422, detail="int8 needs calibration photos: upload `calib_images`, or name a folder "
+                                            "under engines/calibration with `calib_source`")
         try:
             folder = registry.root / "calibration" / check_name(calib_source)
         except ModelError as exc:
