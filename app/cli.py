@@ -43,7 +43,7 @@ def cmd_export(args) -> int:
         return 2
     result = export(args.arch, args.out, weights=None if args.random_init else args.weights, classes=args.classes,
                     dataset=args.dataset, height=args.height, width=args.width, output=args.output,
-                    dynamic_hw=args.dynamic_hw, opset=args.opset, seed=args.seed)
+                    dynamic_hw=args.dynamic_hw, opset=args.opset, seed=args.seed, input_kind=args.input)
     print(f"wrote {result['onnx']} and {result['metadata']}")
     print(f"ONNX Runtime vs PyTorch: max |logit difference| {result['max_abs_diff']:.3g}, "
           f"label agreement {result['label_agreement']:.4%}")
@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="labels", choices=["labels", "logits"],
                    help="labels: argmax inside the graph (default); logits: [N,C,H,W]")
     p.add_argument("--dynamic-hw", action="store_true", help="leave height and width dynamic")
+    p.add_argument("--input", default="float", choices=["float", "uint8"],
+                   help="float: normalised float32 NCHW (upstream's contract); uint8: raw RGB pixels [N,H,W,3], "
+                        "cast, layout and normalisation inside the graph")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--out", type=Path, required=True, help="the .onnx to write (metadata goes beside it)")
     p.set_defaults(func=cmd_export)

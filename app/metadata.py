@@ -22,7 +22,7 @@ class ModelMeta(BaseModel):
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     input_size: tuple[int, int] | None = Field(None, description="[H, W] the model was exported for")
-    input_format: str = Field("float_nchw", description="float_nchw (normalised) or uint8 (raw pixels)")
+    input_format: str = Field("float_nchw", description="float_nchw (normalised) or uint8_nhwc (raw RGB pixels)")
     trained: bool = True
     source_sha256: str | None = None
     description: str | None = None

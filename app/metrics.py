@@ -16,6 +16,8 @@ class Metrics:
                                  ["route"], registry=self.registry)
         self.stage = Histogram("segment_stage_duration_ms", "Pipeline stage durations in milliseconds",
                                ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("segment_batch_size", "Images per runner call with dynamic batching",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.model = Info("segment_active_model", "The model being served", registry=self.registry)
 
     def observe_stages(self, timings: dict[str, float]) -> None:

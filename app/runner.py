@@ -198,6 +198,7 @@ class SegmentationModel:
     num_classes: int = 0
     palette: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.uint8))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    batcher: object | None = field(default=None, repr=False)
     _users: int = field(default=0, repr=False)
     _retired: bool = field(default=False, repr=False)
 
@@ -235,8 +236,22 @@ class SegmentationModel:
     def uint8_input(self) -> bool:
         return self.input_dtype == np.uint8
 
+    def enable_batching(self, max_batch: int, max_wait_ms: float, on_batch=None) -> bool:
+        """Gather concurrent single images into batches (only for a model with a dynamic batch dimension)."""
+        from .batching import Batcher
+
+        if max_batch <= 1 or not self.batch_dynamic:
+            return False
+        self.batcher = Batcher(self._infer_now, max_batch, max_wait_ms, on_batch)
+        return True
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Run one batch (NCHW float32, or NHWC uint8 for raw-pixel models); labels [N,H,W] uint8/int32."""
+        if self.batcher is not None and batch.shape[0] == 1:
+            return self.batcher.submit(batch)
+        return self._infer_now(batch)
+
+    def _infer_now(self, batch: np.ndarray) -> np.ndarray:
         with self._lock:  # runners are not thread-safe, and reuse their output buffers
             out = next(iter(self.runner.infer({self.input_name: batch}, check_inputs=False).values()))
             out = np.asarray(out)
@@ -255,11 +270,14 @@ class SegmentationModel:
                       "height": h, "width": w, "dynamic_hw": self.dynamic_hw, "dynamic_batch": self.batch_dynamic},
             "output_kind": self.output_kind, "num_classes": self.num_classes,
             "precision": self.meta.extra.get("precision", "fp32"),
+            "batching": self.batcher.stats() if self.batcher is not None else None,
             "metadata": self.meta.model_dump(),
         }
 
     def close(self) -> None:
         """Deactivate the runner, releasing its session or engine."""
+        if self.batcher is not None:
+            self.batcher.close()
         with self._lock:
             if getattr(self.runner, "is_active", False):
                 self.runner.deactivate()

@@ -31,8 +31,10 @@ class ServiceState:
     def load(self, name: str) -> SegmentationModel:
         """Load a model of the repository with the configured backend options (not yet served)."""
         s = self.settings
-        return load_model(self.registry.path(name), backend=s.backend, providers=s.ort_providers,
-                          threads=s.ort_threads)
+        model = load_model(self.registry.path(name), backend=s.backend, providers=s.ort_providers,
+                           threads=s.ort_threads)
+        model.enable_batching(s.batch_max, s.batch_wait_ms, self.metrics.batch_size.observe)
+        return model
 
     def activate(self, model: SegmentationModel) -> None:
         """Serve ``model`` from now on; the previous one finishes its requests, then closes."""

@@ -176,3 +176,28 @@ def test_training_tool_runs_checkpoints_and_resumes(tmp_path):
     resumed = build_parser().parse_args(argv[:-2] + ["--iters", "3", "--resume", str(tmp_path / "run" / "checkpoint.pth")])
     resumed.func(resumed)
     assert json.loads((tmp_path / "run" / "train_log.json").read_text())["iterations"] == 3
+
+
+def test_uint8_input_export_serves_raw_pixels_with_the_same_labels(tmp_path):
+    """`--input uint8`: the service feeds raw RGB pixels and gets what the float model gives."""
+    from app.bisenet.export import export
+    from app.pipeline import segment_image
+
+    torch.manual_seed(5)
+    ckpt = tmp_path / "w.pth"
+    torch.save(build_model("bisenetv2", 19).state_dict(), ckpt)
+    engines = tmp_path / "engines"
+    common = dict(weights=ckpt, classes=19, dataset="cityscapes", height=64, width=128)
+    r = export("bisenetv2", engines / "raw.onnx", input_kind="uint8", **common)
+    assert r["max_abs_diff"] < 1e-3 and r["label_agreement"] >= 0.999
+    export("bisenetv2", engines / "float.onnx", **common)
+    raw, flt = load_model(engines / "raw.onnx"), load_model(engines / "float.onnx")
+    try:
+        assert raw.uint8_input and raw.input_hw == (64, 128) and raw.meta.input_format == "uint8_nhwc"
+        assert not flt.uint8_input
+        image = np.random.default_rng(2).integers(0, 255, (100, 180, 3), np.uint8)
+        a, b = segment_image(raw, image).labels, segment_image(flt, image).labels
+        assert a.shape == (100, 180) and (a == b).mean() >= 0.999
+    finally:
+        raw.close()
+        flt.close()

@@ -41,7 +41,7 @@ def test_upload_shows_mask_overlay_legend_and_errors(server, browser, tmp_path):
     assert page.get_attribute("label[for=image]", "for") == "image"  # the drop zone is the file input's label
 
     page.set_input_files("#image", str(SAMPLE))
-    assert page.is_visible("#preview")
+    page.wait_for_selector("#preview", state="visible")
     page.click("#submit")
     page.wait_for_selector("#results:not([hidden])", timeout=60_000)
     page.wait_for_function("document.getElementById('mask').naturalWidth > 0")
@@ -70,7 +70,8 @@ def test_upload_shows_mask_overlay_legend_and_errors(server, browser, tmp_path):
     page.click("#submit")
     page.wait_for_selector("#error:not([hidden])")
     assert "not an image" in page.inner_text("#error")
-    assert page.is_hidden("#results") and page.is_hidden("#preview")  # no stale result, no broken preview
+    assert page.is_hidden("#results")  # no stale result beside the error
+    page.wait_for_selector("#preview", state="hidden")  # the browser's decode failure hides it (asynchronously)
     page.screenshot(path=str(tmp_path / "error.png"), full_page=True)
     page.close()
 

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     min_side: int = Field(1, ge=1, description="Smallest accepted image side in pixels (400 below).")
     max_inflight: int = Field(32, ge=1, description="Segmentation requests admitted at once (503 + Retry-After beyond).")
     max_dynamic_side: int = Field(2048, ge=32, description="Longest side fed to a model with dynamic H/W.")
+    batch_max: int = Field(1, ge=1, le=256, description="Dynamic batching: most images per runner call (1: off).")
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="Dynamic batching: longest wait for a batch to fill.")
     png_compression: int = Field(1, ge=0, le=9, description="PNG compression level of responses (1: fast).")
     log_level: str = Field("info", description="Server log level.")
 

@@ -1,0 +1,91 @@
+"""Dynamic batching: concurrent single-image calls gathered into one runner call.
+
+Requests wait at most ``max_wait_ms`` for company, up to ``max_batch`` images; tensors of equal shape run
+together (a dynamic-H/W model may see several shapes) and each caller gets back its own row.
+"""
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger("segment.batching")
+
+
+class Batcher:
+    """A worker thread that owns the runner calls; ``submit`` blocks the calling thread until its result."""
+
+    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_ms: float,
+                 on_batch: Callable[[int], None] | None = None):
+        self.infer, self.max_batch, self.max_wait = infer, max_batch, max_wait_ms / 1000.0
+        self.on_batch = on_batch
+        self.batches = self.images = self.largest = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, x: np.ndarray) -> np.ndarray:
+        """Run ``x`` (batch 1) as part of the next batch; returns its own output row."""
+        future: Future = Future()
+        self._queue.put((x, future))
+        return future.result()
+
+    def stats(self) -> dict:
+        return {"max_batch": self.max_batch, "max_wait_ms": self.max_wait * 1000.0, "batches": self.batches,
+                "images": self.images, "largest_batch": self.largest,
+                "mean_batch": self.images / self.batches if self.batches else 0.0}
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _gather(self, first) -> tuple[list, bool]:
+        items, deadline = [first], time.monotonic() + self.max_wait
+        while len(items) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                item = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if item is None:
+                return items, True
+            items.append(item)
+        return items, False
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            items, stop = self._gather(first)
+            by_shape: dict[tuple, list] = {}
+            for x, fut in items:
+                by_shape.setdefault(x.shape, []).append((x, fut))
+            for group in by_shape.values():
+                self._run(group)
+        while not self._queue.empty():  # closing: nobody is left waiting forever
+            item = self._queue.get_nowait()
+            if item is not None:
+                item[1].set_exception(RuntimeError("the model was closed"))
+
+    def _run(self, group: list) -> None:
+        try:
+            out = self.infer(np.concatenate([x for x, _ in group]) if len(group) > 1 else group[0][0])
+        except Exception as exc:  # every caller of the batch learns of the failure
+            for _, fut in group:
+                fut.set_exception(exc)
+            return
+        self.batches += 1
+        self.images += len(group)
+        self.largest = max(self.largest, len(group))
+        if self.on_batch:
+            self.on_batch(len(group))
+        for i, (_, fut) in enumerate(group):
+            fut.set_result(out[i:i + 1])

@@ -1,0 +1,89 @@
+"""Dynamic batching: concurrent requests share runner calls, and each gets its own answer."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from app.batching import Batcher
+from app.runner import load_model
+
+from .conftest import decode_png, make_client, png_bytes, quadrants, rgb_model
+
+
+def test_batcher_gathers_and_routes_rows_back():
+    calls = []
+
+    def infer(x):
+        calls.append(x.shape[0])
+        return x * 10
+
+    b = Batcher(infer, max_batch=8, max_wait_ms=50)
+    inputs = [np.full((1, 2), i, np.int64) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(b.submit, inputs))
+    b.close()
+    assert [int(o[0, 0]) for o in outs] == [10 * i for i in range(8)]
+    assert sum(calls) == 8 and max(calls) > 1  # fewer runner calls than requests
+    assert b.stats()["largest_batch"] == max(calls)
+
+
+def test_batcher_groups_shapes_and_reports_errors():
+    def infer(x):
+        if x.shape[1] == 3:
+            raise ValueError("bad shape")
+        return x
+
+    b = Batcher(infer, max_batch=4, max_wait_ms=30)
+    with ThreadPoolExecutor(4) as pool:
+        good = [pool.submit(b.submit, np.zeros((1, 2))) for _ in range(2)]
+        bad = [pool.submit(b.submit, np.zeros((1, 3))) for _ in range(2)]
+        assert all(f.result().shape == (1, 2) for f in good)
+        for f in bad:
+            with pytest.raises(ValueError, match="bad shape"):
+                f.result()
+    b.close()
+
+
+def test_batching_needs_a_dynamic_batch_dimension(engines):
+    from onnx import TensorProto
+
+    fixed = load_model(rgb_model(engines / "b1.onnx", label_dtype=TensorProto.UINT8))
+    try:
+        fixed.batch_dynamic = False  # as a model exported with batch 1 would be
+        assert fixed.enable_batching(8, 5) is False and fixed.batcher is None
+    finally:
+        fixed.close()
+
+
+def test_service_with_batching_answers_every_request_correctly(engines):
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    cases = []
+    for i in range(24):
+        photo, truth = quadrants(64, 96)  # one shape: these can share a batch
+        if i % 3 == 0:
+            photo, truth = np.ascontiguousarray(photo[::-1]), np.ascontiguousarray(truth[::-1])
+        if i % 4 == 0:
+            photo, truth = quadrants(96, 128)  # another shape: batched separately
+        cases.append((photo, truth))
+    with make_client(engines, "rgb", batch_max=8, batch_wait_ms=30) as c:
+        barrier = threading.Barrier(12)
+
+        def run(case):
+            barrier.wait()  # twelve requests arrive together, twice
+            r = c.post("/segment", params={"view": "labels"}, files={"image": ("p.png", png_bytes(case[0]), "image/png")})
+            return r.status_code, decode_png(r.content)
+
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(run, cases))
+        stats = c.get("/models/active").json()["batching"]
+        metrics = c.get("/metrics").text
+    for (_, truth), (status, labels) in zip(cases, results):
+        assert status == 200 and np.array_equal(labels, truth)
+    assert stats["images"] == 24 and stats["largest_batch"] > 1 and stats["batches"] < 24
+    assert "segment_batch_size_count" in metrics
+
+
+def test_batching_off_by_default(client):
+    assert client.get("/models/active").json()["batching"] is None
