@@ -75,12 +75,17 @@ class OrtSessionLoader:
     def __call__(self):
         import onnxruntime as ort
 
+        providers = self.resolved_providers()
+        if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds CUDA and cuDNN from the nvidia-* pip packages only once they are loaded;
+            # without this the CUDA provider silently falls back to CPU (or needs `import torch` first).
+            ort.preload_dlls()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
             opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
-        return ort.InferenceSession(str(self.path), sess_options=opts, providers=self.resolved_providers())
+        return ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
 
 
 def check_onnx_graph(path: Path) -> None:

@@ -112,6 +112,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, default=8)
     p.add_argument("--sizes", default="1024x2048,512x1024")
+    p.add_argument("--server-env", action="append", default=[], metavar="SEGMENT_X=V",
+                   help="extra settings for the server under test, e.g. SEGMENT_ORT_SPINNING=false")
     args = p.parse_args()
     import torch
 
@@ -139,11 +141,11 @@ def main() -> int:
             a = raw_onnxruntime(engines / f"{name}.onnx", x, args.iterations)
             b = timed(lambda: model.infer(x), args.iterations)
             model.close()
-            server = Server(engines, model=name)
+            server = Server(engines, model=name, env=dict(kv.split("=", 1) for kv in args.server_env))
             try:
                 idle_kib = server.rss_kib()
                 c1 = http_latency(server.url, data, args.iterations)
-                c4 = http_throughput(server.url, data, clients=4, per_client=max(2, args.iterations // 2))
+                c4 = http_throughput(server.url, data, clients=4, per_client=max(4, args.iterations))
                 peak_kib = int(next(l.split()[1] for l in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines()
                                     if l.startswith("VmHWM:")))
             finally:

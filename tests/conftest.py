@@ -103,11 +103,11 @@ def free_port() -> int:
 class Server:
     """`segment serve` in a child process on 127.0.0.1."""
 
-    def __init__(self, engines: Path, model: str = "rgb"):
+    def __init__(self, engines: Path, model: str = "rgb", env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "SEGMENT_ENGINES_DIR": str(engines), "SEGMENT_MODEL": model,
-               "SEGMENT_ADMIN_TOKEN": TOKEN, "SEGMENT_LOG_LEVEL": "info"}
+               "SEGMENT_ADMIN_TOKEN": TOKEN, "SEGMENT_LOG_LEVEL": "info", **(env or {})}
         self.log = engines.parent / f"server-{self.port}.log"  # a file, so a full pipe can never stall the server
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(self.port)],
