@@ -24,8 +24,8 @@ def cmd_serve(args) -> int:
     from .core.config import get_settings
 
     settings = get_settings()
-    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=1,
-                log_level=settings.log_level, timeout_graceful_shutdown=30)
+    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port,
+                workers=args.workers or settings.workers, log_level=settings.log_level, timeout_graceful_shutdown=30)
     return 0
 
 
@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "segment serve", "SEGMENT_MODEL=city_v2 segment serve --host 0.0.0.0 --port 8000")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, help="server processes, each with its own model (default: SEGMENT_WORKERS, 1)")
     p.set_defaults(func=cmd_serve)
 
     p = _command(sub, "compile", "build a TensorRT engine from ONNX (needs TensorRT and an NVIDIA GPU)",

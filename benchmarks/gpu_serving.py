@@ -89,28 +89,29 @@ def main() -> int:
     p.add_argument("--models", type=Path, required=True)
     p.add_argument("--seconds", type=float, default=12)
     p.add_argument("--clients", default="1,8,32")
+    p.add_argument("--kinds", default="float,uint8")
     args = p.parse_args()
     data = IMAGE.read_bytes()
-    for kind in ("float", "uint8"):
+    for kind in args.kinds.split(","):
         path = args.models / f"{kind}.onnx"
         for batch in (1, 8):
             r = engine_only(path, kind == "uint8", batch)
             print(f"engine {kind:5} batch {batch}: numpy in/labels out p50 {r['host_p50']:7.2f} ms "
                   f"({r['host_img_s']:7.1f} img/s); GPU-only p50 {r['gpu_p50']:7.2f} ms ({r['gpu_img_s']:7.1f} img/s)",
                   flush=True)
-        for batching in (1, 32):
+        for batching, workers in ((1, 1), (32, 1), (1, 8), (16, 8)):
             env = {"SEGMENT_BATCH_MAX": str(batching), "SEGMENT_BATCH_WAIT_MS": "3", "SEGMENT_MAX_INFLIGHT": "256",
-                   "SEGMENT_LOG_LEVEL": "warning"}
+                   "SEGMENT_LOG_LEVEL": "warning", "SEGMENT_WORKERS": str(workers)}
             server = Server(args.models, model=kind, env=env)
             try:
                 info = httpx.get(f"{server.url}/models/active").json()
                 assert info["device"] == "cuda", info["device"]
                 for clients in (int(c) for c in args.clients.split(",")):
                     r = load(server.url, data, clients, args.seconds)
-                    print(f"service {kind:5} batching {'on ' if batching > 1 else 'off'} {clients:3} clients: "
+                    print(f"service {kind:5} {workers} proc batching {'on ' if batching > 1 else 'off'} {clients:3} clients: "
                           f"{r['img_s']:7.1f} img/s  p50 {r['p50']:7.1f} ms  p99 {r['p99']:7.1f} ms  "
                           f"({r['n']} ok, {r['errors']} errors)", flush=True)
-                stats = httpx.get(f"{server.url}/models/active").json()["batching"]
+                stats = httpx.get(f"{server.url}/models/active").json()["batching"]  # one worker's
                 metrics = httpx.get(f"{server.url}/metrics").text
             finally:
                 server.stop()

@@ -29,6 +29,23 @@ def test_batcher_gathers_and_routes_rows_back():
     assert b.stats()["largest_batch"] == max(calls)
 
 
+def test_padding_to_buckets_keeps_shapes_few_and_rows_right():
+    shapes = []
+
+    def infer(x):
+        shapes.append(x.shape[0])
+        return x + 1
+
+    b = Batcher(infer, max_batch=12, max_wait_ms=60, pad_to_buckets=True)
+    assert b.buckets() == [1, 2, 4, 8, 12]
+    inputs = [np.full((1, 3), i, np.int64) for i in range(7)]
+    with ThreadPoolExecutor(7) as pool:
+        outs = list(pool.map(b.submit, inputs))
+    b.close()
+    assert [int(o[0, 0]) for o in outs] == [i + 1 for i in range(7)]
+    assert set(shapes) <= {1, 2, 4, 8, 12}
+
+
 def test_batcher_groups_shapes_and_reports_errors():
     def infer(x):
         if x.shape[1] == 3:

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="Dynamic batching: longest wait for a batch to fill.")
     png_compression: int = Field(1, ge=0, le=9, description="PNG compression level of responses (1: fast).")
     log_level: str = Field("info", description="Server log level.")
+    workers: int = Field(1, ge=1, le=64, description="Server processes, each with its own model (and batcher).")
 
 
 @lru_cache
