@@ -202,19 +202,22 @@ class SegmentationModel:
     output_kind: str = "labels"  # "labels" ([N,H,W] ints) or "logits" ([N,C,H,W] floats)
     num_classes: int = 0
     palette: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.uint8))
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # held during inference
+    _ref_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # never held for long
     batcher: object | None = field(default=None, repr=False)
     _users: int = field(default=0, repr=False)
     _retired: bool = field(default=False, repr=False)
 
     def acquire(self) -> "SegmentationModel":
-        """Mark one request as using this model; pair with :meth:`release`."""
-        with self._lock:
+        """Mark one request as using this model; pair with :meth:`release`.
+
+        Called on the event loop: it takes its own lock, never the one held during inference."""
+        with self._ref_lock:
             self._users += 1
         return self
 
     def release(self) -> None:
-        with self._lock:
+        with self._ref_lock:
             self._users -= 1
             close = self._retired and self._users == 0
         if close:
@@ -222,7 +225,7 @@ class SegmentationModel:
 
     def retire(self) -> None:
         """No new requests will come: close now if idle, else when the last request releases it."""
-        with self._lock:
+        with self._ref_lock:
             self._retired = True
             close = self._users == 0
         if close:
