@@ -90,16 +90,18 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=12)
     p.add_argument("--clients", default="1,8,32")
     p.add_argument("--kinds", default="float,uint8")
+    p.add_argument("--configs", default="1:1,32:1,1:8,16:8", help="server setups as BATCH_MAX:WORKERS")
+    p.add_argument("--no-engine", action="store_true", help="skip the engine-only loop")
     args = p.parse_args()
     data = IMAGE.read_bytes()
     for kind in args.kinds.split(","):
         path = args.models / f"{kind}.onnx"
-        for batch in (1, 8):
+        for batch in (() if args.no_engine else (1, 8)):
             r = engine_only(path, kind == "uint8", batch)
             print(f"engine {kind:5} batch {batch}: numpy in/labels out p50 {r['host_p50']:7.2f} ms "
                   f"({r['host_img_s']:7.1f} img/s); GPU-only p50 {r['gpu_p50']:7.2f} ms ({r['gpu_img_s']:7.1f} img/s)",
                   flush=True)
-        for batching, workers in ((1, 1), (32, 1), (1, 8), (16, 8)):
+        for batching, workers in (tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")):
             env = {"SEGMENT_BATCH_MAX": str(batching), "SEGMENT_BATCH_WAIT_MS": "3", "SEGMENT_MAX_INFLIGHT": "256",
                    "SEGMENT_LOG_LEVEL": "warning", "SEGMENT_WORKERS": str(workers)}
             server = Server(args.models, model=kind, env=env)
