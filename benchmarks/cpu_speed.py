@@ -15,7 +15,6 @@ import math
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ IMAGE = ROOT / "benchmarks" / "data" / "cityscapes_example.png"
 
 from app.pipeline import input_size, preprocess  # noqa: E402
 from app.runner import cpu_name, load_model  # noqa: E402
+from benchmarks.loadgen import run_clients  # noqa: E402
 from tests.conftest import Server  # noqa: E402
 
 
@@ -66,13 +66,7 @@ def http_throughput(url: str, data: bytes, clients: int, per_client: int) -> flo
                 assert http.post("/segment", files={"image": ("street.png", data, "image/png")}).status_code == 200
 
     http_latency(url, data, 1)  # warm
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return clients * per_client / (time.perf_counter() - start)
+    return clients * per_client / run_clients(worker, clients)
 
 
 def pytorch_eager(weights: Path, image: Path, out: Path, iterations: int) -> list[float]:

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 IMAGE = ROOT / "benchmarks" / "data" / "cityscapes_example.png"
 
+from benchmarks.loadgen import run_clients  # noqa: E402
 from tests.conftest import Server  # noqa: E402
 
 
@@ -70,17 +71,16 @@ def load(url: str, data: bytes, clients: int, seconds: float) -> dict:
                 r = http.post("/segment", files={"image": ("s.png", data, "image/png")})
                 ms = (time.perf_counter() - t) * 1000
                 with lock:
-                    (lat.append(ms) if r.status_code == 200 else errors.append(r.status_code))
+                    if r.status_code == 200:
+                        lat.append(ms)
+                    else:
+                        errors.append(r.status_code)
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_clients(worker, clients)
     lat.sort()
-    return {"img_s": len(lat) / wall, "p50": lat[len(lat) // 2], "p99": lat[int(len(lat) * 0.99) - 1],
+    if not lat:  # every request failed (e.g. the server died): say so instead of crashing
+        return {"img_s": 0.0, "p50": float("nan"), "p99": float("nan"), "n": 0, "errors": len(errors)}
+    return {"img_s": len(lat) / wall, "p50": lat[len(lat) // 2], "p99": lat[max(0, int(len(lat) * 0.99) - 1)],
             "n": len(lat), "errors": len(errors)}
 
 
