@@ -10,16 +10,15 @@ torch = pytest.importorskip("torch", reason="the export extra (torch) is not ins
 from app.bisenet import CheckpointError, build_model, load_checkpoint  # noqa: E402
 from app.runner import ModelError, load_model  # noqa: E402
 
-from .conftest import SHARED, make_client, png_bytes  # noqa: E402
+from .conftest import make_client, png_bytes  # noqa: E402
 from .upstream_weights import deterministic_input, deterministic_state  # noqa: E402
 
-CONTRACT = SHARED / "contract"
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "data"  # holds copies of ../shared/contract/bisenetv{1,2}_state_dict.txt
 
 
 def contract_listing(arch: str) -> dict[str, tuple[tuple[int, ...], str]]:
     out = {}
-    for line in (CONTRACT / f"{arch}_state_dict.txt").read_text().splitlines():
+    for line in (DATA / f"{arch}_state_dict.txt").read_text().splitlines():
         key, rest = line.split(" ", 1)
         shape, dtype = rest.rsplit(" ", 1)
         out[key] = (tuple(int(d) for d in shape.strip("()").split(",") if d.strip()), dtype)
