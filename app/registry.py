@@ -53,6 +53,11 @@ class Registry:
                 return self._inside(candidate)
         raise NotFound(f"no model called {name!r} in the repository {self.root}")
 
+    def ensure_free(self, name: str) -> None:
+        """Raise :class:`Conflict` if any model file is already called ``name``."""
+        if any((self.root / f"{name}{s}").exists() for s in MODEL_SUFFIXES):
+            raise Conflict(f"a model called {name!r} already exists; delete it first or pick another name")
+
     def describe(self, path: Path) -> dict:
         """Name, kind, size and metadata of one model file."""
         try:
@@ -90,8 +95,7 @@ class Registry:
         """Validate a staged ONNX file (checker, refusal rules, dry run) and move it in as ``name``."""
         check_name(name)
         target = self.root / f"{name}.onnx"
-        if any((self.root / f"{name}{s}").exists() for s in MODEL_SUFFIXES):
-            raise Conflict(f"a model called {name!r} already exists; delete it first or pick another name")
+        self.ensure_free(name)
         try:
             onnx.checker.check_model(str(staged))
         except Exception as exc:  # checker raises ValidationError, protobuf DecodeError, ...

@@ -148,8 +148,10 @@ async def create(
         raise HTTPException(400, detail=f"source {source!r} is not an ONNX model")
     if target == "onnxruntime":
         raise HTTPException(409, detail=f"{source!r} is already registered for ONNX Runtime")
-    if any((registry.root / f"{name}{s}").exists() for s in (".engine", ".onnx")):
-        raise HTTPException(409, detail=f"a model called {name!r} already exists")
+    try:
+        registry.ensure_free(name)
+    except Conflict as exc:
+        raise _http(exc) from None
     args = ["compile", str(src_path), str(registry.root / f"{name}.engine"), f"--{precision}"]
     for flag, value in (("--min-shape", min_shape), ("--opt-shape", opt_shape), ("--max-shape", max_shape),
                         ("--workspace-mb", workspace_mb)):
