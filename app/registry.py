@@ -46,9 +46,10 @@ class Registry:
 
     def path(self, name: str) -> Path:
         """The model file called ``name`` (a stem, or a file name with its suffix)."""
-        stem, suffix = (name[: -len(s)], s) if (s := next((x for x in MODEL_SUFFIXES if name.endswith(x)), "")) else (name, "")
-        check_name(stem)
-        for candidate in ([self.root / name] if suffix else [self.root / f"{stem}{x}" for x in MODEL_SUFFIXES]):
+        suffix = next((s for s in MODEL_SUFFIXES if name.endswith(s)), "")
+        check_name(name[: len(name) - len(suffix)])
+        candidates = [self.root / name] if suffix else [self.root / f"{name}{s}" for s in MODEL_SUFFIXES]
+        for candidate in candidates:
             if candidate.is_file():
                 return self._inside(candidate)
         raise NotFound(f"no model called {name!r} in the repository {self.root}")

@@ -252,7 +252,7 @@ class SegmentationModel:
             return False
         on_cuda = self.backend == "onnxruntime" and self.device == "cuda"
         self.batcher = Batcher(self._infer_now, max_batch, max_wait_ms, on_batch, pad_to_buckets=on_cuda)
-        if on_cuda and None not in self.input_hw:  # run each bucket once now, not on a user's request
+        if on_cuda and not self.dynamic_hw:  # run each bucket once now, not on a user's request
             h, w = self.input_hw
             for n in self.batcher.buckets():
                 shape = (n, h, w, 3) if self.uint8_input else (n, 3, h, w)
