@@ -8,6 +8,7 @@ from typing import Callable, Literal
 import numpy as np
 
 from .core.config import PROJECT_ROOT
+from .imaging import decode
 from .pipeline import input_size, preprocess, render, segment_bytes
 from .runner import SegmentationModel, cpu_name
 
@@ -59,11 +60,11 @@ def _fed_size(model: SegmentationModel, cfg: BenchConfig, image_hw: tuple[int, i
 def run(model: SegmentationModel, cfg: BenchConfig, progress: Callable[[int], None] | None = None) -> dict:
     """Benchmark ``model``; ``progress(n)`` is called after each timed iteration."""
     data = Path(cfg.image).read_bytes()
+    image = decode(data, 1 << 62)  # real pixels: the input is prepared once from them
     stages: dict[str, list[float]] = {}
     if cfg.mode == "engine":
-        seg = segment_bytes(model, data, 1 << 62, cfg.max_side)  # real pixels, prepared once
-        h, w = _fed_size(model, cfg, seg.image.shape[:2])
-        x = np.ascontiguousarray(np.repeat(preprocess(seg.image, model, (h, w)), cfg.batch, axis=0))
+        h, w = _fed_size(model, cfg, image.shape[:2])
+        x = np.ascontiguousarray(np.repeat(preprocess(image, model, (h, w)), cfg.batch, axis=0))
         shape = list(x.shape)
 
         def step():
@@ -71,8 +72,7 @@ def run(model: SegmentationModel, cfg: BenchConfig, progress: Callable[[int], No
     else:
         if cfg.size is not None:
             raise ValueError("e2e mode feeds the image as a request would; --size applies to engine mode")
-        seg = segment_bytes(model, data, 1 << 62, cfg.max_side)
-        h, w = input_size(model, *seg.image.shape[:2], cfg.max_side)
+        h, w = input_size(model, *image.shape[:2], cfg.max_side)
         shape = [1, 3, h, w]
 
         def step():
