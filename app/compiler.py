@@ -95,31 +95,36 @@ def build_loaders(onnx_path: Path, engine_path: Path, input_name: str, shapes: d
     return SaveEngine(engine, path=str(engine_path))
 
 
-def calibration_batches(folder: Path, meta: ModelMeta, size: tuple[int, int], limit: int):
-    """Pre-processed images from ``folder`` (same pre-processing as the service), one per batch."""
-    import cv2
+CALIBRATION_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".img")
 
-    paths = sorted(p for p in folder.iterdir()
-                   if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".img"))[:limit]
+
+def calibration_files(folder: Path, limit: int) -> list[Path]:
+    """The images a calibration uses: the first ``limit`` image files of ``folder``, by name."""
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in CALIBRATION_SUFFIXES)[:limit]
     if not paths:
         raise ValueError(f"no calibration images in {folder}")
-    mean, std = np.asarray(meta.mean) * 255.0, np.asarray(meta.std) * 255.0
-    params = cv2.dnn.Image2BlobParams(scalefactor=tuple(1.0 / std), size=(size[1], size[0]), mean=tuple(mean),
-                                      swapRB=True, ddepth=cv2.CV_32F)
-    for p in paths:
+    return paths
+
+
+def calibration_batches(folder: Path, meta: ModelMeta, size: tuple[int, int], limit: int):
+    """The calibration images pre-processed exactly as the service does, one per batch."""
+    import cv2
+
+    from .pipeline import normalized_blob
+
+    for p in calibration_files(folder, limit):
         img = cv2.imread(str(p), cv2.IMREAD_COLOR)
         if img is not None:
-            yield cv2.dnn.blobFromImageWithParams(img, params)
+            yield normalized_blob(img, meta.mean, meta.std, size)
 
 
 def calibration_key(onnx_path: Path, calib_dir: Path, size: tuple[int, int], limit: int) -> str:
-    """Identifies a calibration: the model, the images (by content), the input size and the image count."""
+    """Identifies a calibration: the model, the images it uses (by content), the input size."""
     import hashlib
 
-    h = hashlib.sha256(f"{sha256_file(onnx_path)}|{size}|{limit}".encode())
-    for p in sorted(calib_dir.iterdir())[: limit * 4]:
-        if p.is_file():
-            h.update(sha256_file(p).encode())
+    h = hashlib.sha256(f"{sha256_file(onnx_path)}|{size}".encode())
+    for p in calibration_files(calib_dir, limit):
+        h.update(sha256_file(p).encode())
     return h.hexdigest()[:32]
 
 

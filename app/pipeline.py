@@ -29,10 +29,15 @@ def preprocess(image_bgr: np.ndarray, model: SegmentationModel, size: tuple[int,
     if model.uint8_input:
         resized = image_bgr if image_bgr.shape[:2] == (h, w) else cv2.resize(image_bgr, (w, h), interpolation=cv2.INTER_LINEAR)
         return np.ascontiguousarray(resized[None, :, :, ::-1])
-    mean = np.asarray(model.meta.mean) * 255.0
-    std = np.asarray(model.meta.std) * 255.0
+    return normalized_blob(image_bgr, model.meta.mean, model.meta.std, size)
+
+
+def normalized_blob(image_bgr: np.ndarray, mean, std, size: tuple[int, int]) -> np.ndarray:
+    """[1,3,H,W] float32 of (RGB/255 - mean) / std at ``size``: the pre-processing of float-input models."""
+    h, w = size
+    mean255, std255 = np.asarray(mean) * 255.0, np.asarray(std) * 255.0
     # One OpenCV call does resize, BGR->RGB, (x - mean) / std and the NCHW layout.
-    params = cv2.dnn.Image2BlobParams(scalefactor=tuple(1.0 / std), size=(w, h), mean=tuple(mean),
+    params = cv2.dnn.Image2BlobParams(scalefactor=tuple(1.0 / std255), size=(w, h), mean=tuple(mean255),
                                       swapRB=True, ddepth=cv2.CV_32F)
     return cv2.dnn.blobFromImageWithParams(image_bgr, params)
 
