@@ -72,11 +72,12 @@ def _load(path: Path):
 
 
 def _shape(text: str) -> tuple[int, int, int]:
+    from .compiler import parse_shape
+
     try:
-        b, h, w = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'batch,height,width', got {text!r}") from None
-    return b, h, w
+        return parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -88,20 +89,20 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def cmd_compile(args) -> int:
-    from .compiler import BuildOptions, compile_engine
-    from .runner import ENGINE_SUFFIXES, ModelError
+    from .compiler import BuildOptions, compile_model
+    from .runner import ModelError
 
     if not args.onnx.is_file():
         raise SystemExit(f"error: no such ONNX file: {args.onnx}")
     if args.onnx.suffix.lower() != ".onnx":
         raise SystemExit(f"error: {args.onnx.name}: the input must be an .onnx file")
-    if args.engine.suffix.lower() not in ENGINE_SUFFIXES:
-        raise SystemExit(f"error: {args.engine.name}: the output must end in {', '.join(ENGINE_SUFFIXES)}")
+    if args.int8 is not None and not args.int8.is_dir():
+        raise SystemExit(f"error: --int8 {args.int8}: no such folder of calibration images")
     try:
         opts = BuildOptions(precision="int8" if args.int8 else args.precision, min_shape=args.min_shape,
                             opt_shape=args.opt_shape, max_shape=args.max_shape, workspace_mb=args.workspace_mb,
-                            calib_dir=args.int8)
-        compile_engine(args.onnx, args.engine, opts, progress=lambda line: print(line, flush=True))
+                            calib_dir=args.int8, calib_images=args.calib_images)
+        compile_model(args.onnx, args.engine, opts, progress=lambda line: print(line, flush=True))
     except (ModelError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 3
@@ -232,11 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="server processes, each with its own model (default: SEGMENT_WORKERS, 1)")
     p.set_defaults(func=cmd_serve)
 
-    p = _command(sub, "compile", "build a TensorRT engine from ONNX (needs TensorRT and an NVIDIA GPU)",
+    p = _command(sub, "compile", "build a TensorRT engine from ONNX (needs TensorRT and an NVIDIA GPU), "
+                 "or an int8 ONNX model for ONNX Runtime on CPU",
                  "segment compile model.onnx model.trt --fp16",
-                 "segment compile model.onnx model.plan --int8 calib_images/ --max-shape 8,1024,2048")
+                 "segment compile model.onnx model.plan --int8 calib_images/ --max-shape 8,1024,2048",
+                 "segment compile model.onnx model_int8.onnx --int8 calib_images/   # ONNX Runtime, no GPU")
     p.add_argument("onnx", type=Path)
-    p.add_argument("engine", type=Path, help="output: .trt, .engine or .plan")
+    p.add_argument("engine", type=Path, help="output: .trt, .engine or .plan (TensorRT); .onnx (ONNX Runtime int8)")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="(default)")
     prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16")
@@ -247,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-shape", type=_shape, metavar="B,H,W", help="dynamic profile optimum")
     p.add_argument("--max-shape", type=_shape, metavar="B,H,W", help="dynamic profile maximum")
     p.add_argument("--workspace-mb", type=int, help="builder workspace limit")
+    p.add_argument("--calib-images", type=int, default=64, help="int8: calibrate on the first N images (by name)")
     p.set_defaults(func=cmd_compile)
 
     p = _command(sub, "run", "segment one image with an engine or ONNX model",

@@ -32,17 +32,25 @@ RGB_META = {"dataset": "custom", "class_names": ["red", "green", "blue"],
 
 
 def rgb_model(path: Path, output: str = "labels", height: int | str = 64, width: int | str = 64,
-              label_dtype=TensorProto.UINT8, meta: dict | None = RGB_META, opset: int = 17) -> Path:
-    """Write an ONNX model: input_image [N,3,H,W] -> labels [N,H,W] (ArgMax+Cast) or logits (Identity)."""
+              label_dtype=TensorProto.UINT8, meta: dict | None = RGB_META, opset: int = 17,
+              conv: bool = False) -> Path:
+    """Write an ONNX model: input_image [N,3,H,W] -> labels [N,H,W] (ArgMax+Cast) or logits (Identity).
+
+    ``conv`` puts an identity 1x1 convolution first: same answers, but something int8 quantization can act on."""
     x = helper.make_tensor_value_info("input_image", TensorProto.FLOAT, ["N", 3, height, width])
+    nodes, initializers, feature = [], [], "input_image"
+    if conv:
+        initializers.append(onnx.numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), "eye"))
+        nodes.append(helper.make_node("Conv", ["input_image", "eye"], ["feature"]))
+        feature = "feature"
     if output == "labels":
-        nodes = [helper.make_node("ArgMax", ["input_image"], ["idx"], axis=1, keepdims=0),
-                 helper.make_node("Cast", ["idx"], ["preds"], to=label_dtype)]
+        nodes += [helper.make_node("ArgMax", [feature], ["idx"], axis=1, keepdims=0),
+                  helper.make_node("Cast", ["idx"], ["preds"], to=label_dtype)]
         y = helper.make_tensor_value_info("preds", label_dtype, ["N", height, width])
     else:
-        nodes = [helper.make_node("Identity", ["input_image"], ["preds"])]
+        nodes.append(helper.make_node("Identity", [feature], ["preds"]))
         y = helper.make_tensor_value_info("preds", TensorProto.FLOAT, ["N", 3, height, width])
-    graph = helper.make_graph(nodes, "rgb_argmax", [x], [y])
+    graph = helper.make_graph(nodes, "rgb_argmax", [x], [y], initializer=initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model)

@@ -191,11 +191,11 @@ def test_incomplete_engine_marked_and_jobs_404(admin, engines):
 def test_polygraphy_loader_wiring(tmp_path):
     """The loader chain we compose, inspected without running it (TensorRT not needed)."""
     onnx_path = rgb_model(tmp_path / "m.onnx", height="H", width="W")
-    name, shapes = shape_profile(onnx_path, ModelMeta.model_validate({**RGB_META, "input_size": (256, 512)}),
-                                 BuildOptions(precision="fp16"))
-    assert name == "input_image"
-    assert shapes == {"min": (1, 3, 256, 512), "opt": (1, 3, 256, 512), "max": (8, 3, 256, 512)}
-    save = build_loaders(onnx_path, tmp_path / "m.engine", name, shapes, BuildOptions(precision="fp16"),
+    inp, shapes = shape_profile(onnx_path, ModelMeta.model_validate({**RGB_META, "input_size": (256, 512)}),
+                                BuildOptions(precision="fp16"))
+    assert inp.name == "input_image" and not inp.raw_pixels
+    assert shapes == {"min": (1, 256, 512), "opt": (1, 256, 512), "max": (8, 256, 512)}
+    save = build_loaders(onnx_path, tmp_path / "m.engine", inp, shapes, BuildOptions(precision="fp16"),
                          tmp_path / "timing.cache")
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, SaveEngine
 
@@ -217,8 +217,8 @@ def test_profile_contradicting_fixed_input_is_refused(tmp_path):
         shape_profile(onnx_path, ModelMeta(), BuildOptions(max_shape=(4, 128, 128)))
 
 
-def test_int8_qdq_quantization_runs_on_onnxruntime(tmp_path):
-    """The int8 path's quantization step (explicit Q/DQ), executed for real on CPU."""
+def test_int8_qdq_quantization_and_its_cache(tmp_path):
+    """The int8 path's quantization step (explicit Q/DQ) for both targets, executed for real on CPU."""
     import cv2
     import onnxruntime as ort
 
@@ -238,40 +238,87 @@ def test_int8_qdq_quantization_runs_on_onnxruntime(tmp_path):
     for i in range(8):
         cv2.imwrite(str(calib / f"{i}.png"), rng.integers(0, 255, (40, 50, 3), np.uint8))
     messages = []
-    out = cached_qdq(tmp_path / "conv.onnx", tmp_path / "cache", "input_image", ModelMeta(), (32, 32), calib, 8,
-                     messages.append)
-    again = cached_qdq(tmp_path / "conv.onnx", tmp_path / "cache", "input_image", ModelMeta(), (32, 32), calib, 8,
-                       messages.append)
-    assert again == out and "cache miss" in messages[0] and "cache hit" in messages[1]  # calibration cache
+    qdq = lambda limit, target="tensorrt": cached_qdq(tmp_path / "conv.onnx", tmp_path / "cache", (32, 32),  # noqa: E731
+                                                      calib, limit, target, messages.append)
+    out = qdq(8)
+    assert qdq(8) == out and "cache miss" in messages[0] and "cache hit" in messages[1]  # calibration cache
     cv2.imwrite(str(calib / "extra.png"), rng.integers(0, 255, (40, 50, 3), np.uint8))
-    assert cached_qdq(tmp_path / "conv.onnx", tmp_path / "cache", "input_image", ModelMeta(), (32, 32), calib, 9,
-                      messages.append) != out  # other images: calibrated again
-    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert qdq(9) != out  # other images: calibrated again
+    cpu = qdq(8, "onnxruntime")
+    assert cpu != out  # another target, other quantization
     probe = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
     ref = ort.InferenceSession(str(tmp_path / "conv.onnx")).run(None, {"input_image": probe})[0]
-    q = ort.InferenceSession(str(out)).run(None, {"input_image": probe})[0]
-    assert (ref.argmax(1) == q.argmax(1)).mean() > 0.9
+    for path, activation in ((out, TensorProto.INT8), (cpu, TensorProto.UINT8)):
+        graph = onnx.load(str(path)).graph
+        assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+        zero_points = [i for i in graph.initializer if i.name.endswith("zero_point") and "input_image" in i.name]
+        assert zero_points and all(z.data_type == activation for z in zero_points)
+        q = ort.InferenceSession(str(path)).run(None, {"input_image": probe})[0]
+        assert (ref.argmax(1) == q.argmax(1)).mean() > 0.9
+
+
+def wait_for(client, url: str) -> dict:
+    import time
+
+    for _ in range(1200):
+        job = client.get(url).json()
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job did not finish: {job}")
+
+
+def test_int8_for_onnxruntime_built_through_the_api_and_served(admin, engines):
+    """No GPU needed: a 202 job calibrates on uploaded photos, checks parity, and the result serves correctly."""
+    rgb_model(engines / "conv.onnx", height=64, width=64, conv=True)
+    photos = [("calib_images", (f"{i}.png", png_bytes(quadrants(64 + 8 * i, 64)[0]), "image/png")) for i in range(3)]
+    r = admin.post("/engines", headers=AUTH, data={"name": "conv_int8", "source": "conv", "target": "onnxruntime",
+                                                   "precision": "int8"}, files=photos)
+    assert r.status_code == 202, r.text
+    job = wait_for(admin, r.json()["status_url"])
+    assert job["state"] == "succeeded", job
+    assert any("parity: label agreement 100.0000%" in line for line in job["progress"]), job["progress"]
+    entry = admin.get("/engines/conv_int8").json()
+    assert entry["kind"] == "onnx" and entry["precision"] == "int8" and entry["complete"]
+    assert entry["metadata"]["extra"]["build"]["options"]["calib_dir"].endswith("calibration/conv_int8")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx.load(str(engines / "conv_int8.onnx")).graph.node}
+    assert admin.post("/engines/conv_int8/activate", headers=AUTH).status_code == 200
+    photo, truth = quadrants(64, 64)
+    r = admin.post("/segment", params={"view": "labels"}, files={"image": ("p.png", png_bytes(photo), "image/png")})
+    assert r.status_code == 200 and np.array_equal(decode_png(r.content), truth)
+    assert admin.get("/models/active").json()["precision"] == "int8"
+    # the same name again is refused before any work is queued
+    r = admin.post("/engines", headers=AUTH, data={"name": "conv_int8", "source": "conv", "target": "onnxruntime",
+                                                   "precision": "int8", "calib_source": "conv_int8"})
+    assert r.status_code == 409
+
+
+@pytest.mark.parametrize("form, status, words", [
+    ({"target": "onnxruntime", "precision": "fp16"}, 422, "fp32 or int8"),
+    ({"target": "onnxruntime", "precision": "int8", "max_shape": "8,1024"}, 422, "batch,height,width"),
+    ({"target": "onnxruntime", "precision": "int8", "opt_shape": "1,a,b"}, 422, "invalid shape"),
+    ({"target": "onnxruntime", "precision": "int8", "min_shape": "0,64,64"}, 422, "at least 1"),
+    ({"target": "onnxruntime", "precision": "int8"}, 422, "calibration photos"),
+    ({"target": "onnxruntime", "precision": "int8", "calib_source": "nope"}, 404, "no calibration folder"),
+    ({"target": "onnxruntime"}, 409, "already registered"),
+])
+def test_build_requests_refused_up_front(admin, engines, form, status, words):
+    r = admin.post("/engines", headers=AUTH, data={"name": "x", "source": "rgb", **form})
+    assert r.status_code == status and words in r.json()["detail"], r.text
+    assert not (engines / "x.onnx").exists() and not admin.get("/engines/jobs/job-1").status_code == 200
 
 
 @needs_trt
 def test_tensorrt_build_run_and_parity(admin, engines):
     """On a GPU host: build through the API, wait for the job, serve the engine, compare with ONNX Runtime."""
-    import time
-
     rgb_model(engines / "fixed.onnx", height=64, width=64)
     r = admin.post("/engines", headers=AUTH, data={"name": "fixed_fp32", "source": "fixed", "precision": "fp32"})
     assert r.status_code == 202
-    url = r.json()["status_url"]
-    for _ in range(600):
-        job = admin.get(url).json()
-        if job["state"] in ("succeeded", "failed"):
-            break
-        time.sleep(0.5)
+    job = wait_for(admin, r.json()["status_url"])
     assert job["state"] == "succeeded", job
     entry = admin.get("/engines/fixed_fp32").json()
     build = entry["metadata"]["extra"]["build"]
-    assert build["parity"]["label_agreement"] >= 0.99 and build["tensorrt_version"]
+    assert build["parity"]["label_agreement"] >= 0.99 and build["tensorrt_version"] and build["target"] == "tensorrt"
     assert admin.post("/engines/fixed_fp32/activate", headers=AUTH).status_code == 200
     photo, truth = quadrants(64, 64)
     r = admin.post("/segment", params={"view": "labels"}, files={"image": ("p.png", png_bytes(photo), "image/png")})

@@ -9,6 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from ...compiler import parse_shape
 from ...metadata import MetadataError, ModelMeta
 from ...registry import Conflict, NotFound, check_name
 from ...runner import IncompatibleEngine, ModelError, TensorRTUnavailable, tensorrt_available
@@ -94,8 +95,8 @@ def delete(name: str, state: StateDep) -> dict:
 
 
 @router.post("", status_code=202, dependencies=[AdminDep], responses={
-    201: {"description": "ONNX model registered for ONNX Runtime (target=onnxruntime)"},
-    202: {"description": "TensorRT build queued; poll `status_url`"},
+    201: {"description": "ONNX model registered as it is for ONNX Runtime (target=onnxruntime, fp32)"},
+    202: {"description": "Build queued (a TensorRT engine, or an int8 model for ONNX Runtime); poll `status_url`"},
     503: {"description": "TensorRT is not installed on this host"}})
 async def create(
     state: StateDep,
@@ -103,7 +104,8 @@ async def create(
     onnx: UploadFile | None = None,
     source: Annotated[str | None, Form(description="A registered ONNX model to compile, instead of an upload")] = None,
     target: Annotated[Literal["tensorrt", "onnxruntime"], Form()] = "tensorrt",
-    precision: Annotated[Literal["fp32", "fp16", "bf16", "int8"], Form()] = "fp16",
+    precision: Annotated[Literal["fp32", "fp16", "bf16", "int8"] | None,
+                         Form(description="TensorRT: default fp16. ONNX Runtime: fp32 (as uploaded) or int8")] = None,
     min_shape: Annotated[str | None, Form(description="Dynamic profile minimum, 'batch,height,width'")] = None,
     opt_shape: Annotated[str | None, Form(description="Dynamic profile optimum, 'batch,height,width'")] = None,
     max_shape: Annotated[str | None, Form(description="Dynamic profile maximum, 'batch,height,width'")] = None,
@@ -113,11 +115,20 @@ async def create(
                                                           "engines/calibration/<name>")] = None,
     metadata: Annotated[str | None, Form(description="JSON metadata for an uploaded ONNX (dataset, classes, mean/std...)")] = None,
 ):
-    """Register an ONNX model for ONNX Runtime (201), or compile one into a TensorRT engine (202 + job)."""
+    """Register an ONNX model for ONNX Runtime (201), or build a TensorRT engine or an int8 ONNX model (202 + job)."""
+    precision = precision or ("fp16" if target == "tensorrt" else "fp32")
+    try:
+        shapes = {flag: parse_shape(value) for flag, value in
+                  (("--min-shape", min_shape), ("--opt-shape", opt_shape), ("--max-shape", max_shape)) if value}
+    except ValueError as exc:
+        raise HTTPException(422, detail=f"invalid shape: {exc}") from None
     try:
         check_name(name)
         if (onnx is None) == (source is None):
             raise HTTPException(422, detail="give exactly one of: an `onnx` file upload, or `source` (a registered ONNX name)")
+        if target == "onnxruntime" and precision not in ("fp32", "int8"):
+            raise HTTPException(422, detail=f"ONNX Runtime serves fp32 or int8 models, not {precision} "
+                                            "(fp16 and bf16 are TensorRT precisions)")
         if target == "tensorrt" and not tensorrt_available():
             raise TensorRTUnavailable()
         meta = ModelMeta.model_validate(json.loads(metadata)) if metadata else None
@@ -125,19 +136,20 @@ async def create(
         raise _http(exc) from None
     except (ValueError, ValidationError) as exc:
         raise HTTPException(422, detail=f"invalid metadata: {exc}") from None
+    build = not (target == "onnxruntime" and precision == "fp32")
 
     registry = state.registry
     if onnx is not None:
         staged = registry.temp_upload()
         try:
             staged.write_bytes(await read_upload(onnx, state.settings.max_onnx_bytes))
-            src_name = name if target == "onnxruntime" else f"{name}-source"
+            src_name = f"{name}-source" if build else name
             entry = await run_in_threadpool(registry.register_onnx, src_name, staged, meta)
         except ModelError as exc:
             raise _http(exc) from None
         finally:
             staged.unlink(missing_ok=True)
-        if target == "onnxruntime":
+        if not build:
             return JSONResponse(entry, status_code=201)
         source = src_name
     try:
@@ -146,17 +158,19 @@ async def create(
         raise _http(exc) from None
     if src_path.suffix != ".onnx":
         raise HTTPException(400, detail=f"source {source!r} is not an ONNX model")
-    if target == "onnxruntime":
-        raise HTTPException(409, detail=f"{source!r} is already registered for ONNX Runtime")
+    if not build:
+        raise HTTPException(409, detail=f"{source!r} is already registered for ONNX Runtime; "
+                                        "precision=int8 builds an int8 copy")
     try:
         registry.ensure_free(name)
     except Conflict as exc:
         raise _http(exc) from None
-    args = ["compile", str(src_path), str(registry.root / f"{name}.engine"), f"--{precision}"]
-    for flag, value in (("--min-shape", min_shape), ("--opt-shape", opt_shape), ("--max-shape", max_shape),
-                        ("--workspace-mb", workspace_mb)):
-        if value is not None:
-            args += [flag, str(value)]
+    out = registry.root / f"{name}{'.onnx' if target == 'onnxruntime' else '.engine'}"
+    args = ["compile", str(src_path), str(out), f"--{precision}"]
+    for flag, value in shapes.items():
+        args += [flag, ",".join(map(str, value))]
+    if workspace_mb is not None:
+        args += ["--workspace-mb", str(workspace_mb)]
     if precision == "int8":
         if calib_images:
             calib_source = name
