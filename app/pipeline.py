@@ -24,22 +24,21 @@ def input_size(model: SegmentationModel, height: int, width: int, max_side: int)
 
 
 def preprocess(image_bgr: np.ndarray, model: SegmentationModel, size: tuple[int, int]) -> np.ndarray:
-    """The model's input tensor: resize in uint8 first, then (float models) RGB, scale, normalise, NCHW."""
+    """The model's input tensor: resize in uint8 first (a quarter of the bytes of float), then raw RGB
+    pixels NHWC for raw-pixel models, or RGB / 255, normalised, NCHW float32."""
     h, w = size
+    if image_bgr.shape[:2] != (h, w):
+        image_bgr = cv2.resize(image_bgr, (w, h), interpolation=cv2.INTER_LINEAR)
     if model.uint8_input:
-        resized = image_bgr if image_bgr.shape[:2] == (h, w) else cv2.resize(image_bgr, (w, h), interpolation=cv2.INTER_LINEAR)
-        return np.ascontiguousarray(resized[None, :, :, ::-1])
-    return normalized_blob(image_bgr, model.meta.mean, model.meta.std, size)
-
-
-def normalized_blob(image_bgr: np.ndarray, mean, std, size: tuple[int, int]) -> np.ndarray:
-    """[1,3,H,W] float32 of (RGB/255 - mean) / std at ``size``: the pre-processing of float-input models."""
-    h, w = size
-    mean255, std255 = np.asarray(mean) * 255.0, np.asarray(std) * 255.0
-    # One OpenCV call does resize, BGR->RGB, (x - mean) / std and the NCHW layout.
-    params = cv2.dnn.Image2BlobParams(scalefactor=tuple(1.0 / std255), size=(w, h), mean=tuple(mean255),
-                                      swapRB=True, ddepth=cv2.CV_32F)
-    return cv2.dnn.blobFromImageWithParams(image_bgr, params)
+        return np.ascontiguousarray(image_bgr[None, :, :, ::-1])
+    mean, std = model.meta.mean, model.meta.std
+    blob = np.empty((1, 3, h, w), np.float32)
+    for c in range(3):
+        # One pass per plane, written straight into the NCHW tensor: x / (255 std) - mean / std. (addWeighted
+        # with a zero second weight is OpenCV's one-call scale-shift-convert; 4x faster than blobFromImage.)
+        plane = cv2.extractChannel(image_bgr, 2 - c)  # RGB plane c is BGR channel 2 - c
+        cv2.addWeighted(plane, 1.0 / (255.0 * std[c]), plane, 0.0, -mean[c] / std[c], dst=blob[0, c], dtype=cv2.CV_32F)
+    return blob
 
 
 def restore_size(labels: np.ndarray, height: int, width: int) -> np.ndarray:
