@@ -251,12 +251,11 @@ class SegmentationModel:
         if max_batch <= 1 or not self.batch_dynamic:
             return False
         on_cuda = self.backend == "onnxruntime" and self.device == "cuda"
-        self.batcher = Batcher(self._infer_now, max_batch, max_wait_ms, on_batch, pad_to_buckets=on_cuda)
-        if on_cuda and not self.dynamic_hw:  # run each bucket once now, not on a user's request
+        self.batcher = Batcher(self._infer_now, max_batch, max_wait_ms, on_batch, fixed_batch=on_cuda)
+        if on_cuda and not self.dynamic_hw:  # the one batch shape's first run (cuDNN's search) now, not on a request
             h, w = self.input_hw
-            for n in self.batcher.buckets():
-                shape = (n, h, w, 3) if self.uint8_input else (n, 3, h, w)
-                self._infer_now(np.zeros(shape, self.input_dtype))
+            shape = (max_batch, h, w, 3) if self.uint8_input else (max_batch, 3, h, w)
+            self._infer_now(np.zeros(shape, self.input_dtype))
         return True
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
