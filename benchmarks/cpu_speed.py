@@ -7,6 +7,8 @@ For BiSeNetV2 (random weights, labels output) exported at each size:
   (b) our runner (`SegmentationModel.infer`) on the same tensor
   (c) `POST /segment` end to end over HTTP on loopback, 1 client, and 4 concurrent clients
   (d) PyTorch eager, same weights, upstream demo pre- and post-processing, image file to mask file
+and (a)-(c) again for the int8 build of the same ONNX (`segment compile x.onnx x_int8.onnx --int8 DIR`,
+calibrated here on the sample photo: enough for speed; accuracy is measured on CamVid in engines/*.md).
 Prints a table, the ratios against the targets, and the server's resident memory.
 """
 
@@ -98,6 +100,26 @@ def pytorch_eager(weights: Path, image: Path, out: Path, iterations: int) -> lis
     return timed(run, iterations, warmup=1)
 
 
+def measure(engines: Path, name: str, image: np.ndarray, data: bytes, args) -> tuple:
+    """(a), (b), (c) for one model of ``engines``: latencies, 4-client throughput, server memory."""
+    path = engines / f"{name}.onnx"
+    model = load_model(path)
+    x = preprocess(image, model, input_size(model, *image.shape[:2], 4096))
+    a = raw_onnxruntime(path, x, args.iterations)
+    b = timed(lambda: model.infer(x), args.iterations)
+    model.close()
+    server = Server(engines, model=name, env=dict(kv.split("=", 1) for kv in args.server_env))
+    try:
+        idle_kib = server.rss_kib()
+        c1 = http_latency(server.url, data, args.iterations)
+        c4 = http_throughput(server.url, data, clients=4, per_client=max(4, args.iterations))
+        status = Path(f"/proc/{server.proc.pid}/status").read_text().splitlines()
+        peak_kib = int(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+    finally:
+        server.stop()
+    return a, b, c1, c4, idle_kib, peak_kib
+
+
 def stats(ms: list[float]) -> str:
     return f"{statistics.fmean(ms):8.1f} ms (p50 {statistics.median(ms):7.1f})"
 
@@ -113,6 +135,7 @@ def main() -> int:
 
     from app.bisenet import build_model
     from app.bisenet.export import export
+    from app.compiler import BuildOptions, compile_model
 
     data = IMAGE.read_bytes()
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
@@ -121,7 +144,9 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        engines = tmp / "engines"
+        engines, calib = tmp / "engines", tmp / "calib"
+        calib.mkdir()
+        (calib / IMAGE.name).write_bytes(data)
         torch.manual_seed(0)
         weights = tmp / "v2.pth"
         torch.save(build_model("bisenetv2", 19).state_dict(), weights)
@@ -130,34 +155,24 @@ def main() -> int:
             name = f"v2_{h}x{w}"
             export("bisenetv2", engines / f"{name}.onnx", weights=weights, classes=19, dataset="cityscapes",
                    height=h, width=w)
-            model = load_model(engines / f"{name}.onnx")
-            x = preprocess(image, model, input_size(model, *image.shape[:2], 4096))
-            a = raw_onnxruntime(engines / f"{name}.onnx", x, args.iterations)
-            b = timed(lambda: model.infer(x), args.iterations)
-            model.close()
-            server = Server(engines, model=name, env=dict(kv.split("=", 1) for kv in args.server_env))
-            try:
-                idle_kib = server.rss_kib()
-                c1 = http_latency(server.url, data, args.iterations)
-                c4 = http_throughput(server.url, data, clients=4, per_client=max(4, args.iterations))
-                peak_kib = int(next(l.split()[1] for l in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines()
-                                    if l.startswith("VmHWM:")))
-            finally:
-                server.stop()
-            d = pytorch_eager(weights, IMAGE, tmp / "torch_mask.png", max(3, args.iterations // 2)) if h == image.shape[0] else None
-            rows.append((size, a, b, c1, c4, d, idle_kib, peak_kib))
+            compile_model(engines / f"{name}.onnx", engines / f"{name}_int8.onnx",
+                          BuildOptions(precision="int8", calib_dir=calib), progress=lambda line: None)
+            d = pytorch_eager(weights, IMAGE, tmp / "torch_mask.png", max(3, args.iterations // 2)) \
+                if h == image.shape[0] else None
+            for precision, model_name in (("fp32", name), ("int8", f"{name}_int8")):
+                rows.append((size, precision, *measure(engines, model_name, image, data, args), d))
 
     print()
-    for size, a, b, c1, c4, d, idle_kib, peak_kib in rows:
+    for size, precision, a, b, c1, c4, idle_kib, peak_kib, d in rows:
         ta = 1000.0 / statistics.fmean(a)
-        print(f"== BiSeNetV2 exported at {size}")
+        print(f"== BiSeNetV2 exported at {size}, {precision}")
         print(f"(a) raw onnxruntime session.run     {stats(a)}   {ta:6.2f} img/s")
         print(f"(b) our runner                      {stats(b)}   ratio to (a) {statistics.fmean(b) / statistics.fmean(a):.3f}")
         print(f"(c) POST /segment, 1 client         {stats(c1)}   ratio to (a) {statistics.fmean(c1) / statistics.fmean(a):.3f}"
               f"  [target <= 1.10]")
         print(f"(c) POST /segment, 4 clients        {c4:6.2f} img/s             ratio to (a) {c4 / ta:.3f}  [target >= 0.90]")
         if d is not None:
-            print(f"(d) PyTorch eager, upstream demo    {stats(d)}   (d)/(c) {statistics.fmean(d) / statistics.fmean(c1):.2f}x"
+            print(f"(d) PyTorch eager fp32, upstream demo {stats(d)} (d)/(c) {statistics.fmean(d) / statistics.fmean(c1):.2f}x"
                   f"  [target >= 2]")
         print(f"    server memory: {idle_kib / 1024:.0f} MiB resident idle with the model loaded, "
               f"{peak_kib / 1024:.0f} MiB peak under the 4-client load")

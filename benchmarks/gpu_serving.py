@@ -90,7 +90,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=12)
     p.add_argument("--clients", default="1,8,32")
     p.add_argument("--kinds", default="float,uint8")
-    p.add_argument("--configs", default="1:1,32:1,1:8,16:8", help="server setups as BATCH_MAX:WORKERS")
+    p.add_argument("--configs", default="1:1,8:1,1:8,8:4", help="server setups as BATCH_MAX:WORKERS")
     p.add_argument("--no-engine", action="store_true", help="skip the engine-only loop")
     args = p.parse_args()
     data = IMAGE.read_bytes()

@@ -42,15 +42,35 @@ def test_default_model_segments_a_real_street():
     assert (bottom_centre == names.index("road")).mean() > 0.8
 
 
+def test_int8_variant_is_built_from_the_shipped_model():
+    """The bundled int8 model: Q/DQ graph, built from exactly the shipped fp32 file, parity recorded."""
+    import onnx
+
+    from app.metadata import load_meta, sha256_file
+
+    path = ENGINES / f"{DEFAULT_MODEL}_int8.onnx"
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    meta = load_meta(path)
+    build = meta.extra["build"]
+    assert meta.extra["precision"] == "int8" and build["target"] == "onnxruntime"
+    assert build["source_sha256"] == sha256_file(ENGINES / f"{DEFAULT_MODEL}.onnx")
+    assert build["parity"]["label_agreement"] >= 0.95 and not build["parity"]["flagged"]
+    assert meta.extra["evaluation"]["pipeline"].startswith("segment eval: ONNX Runtime CPU int8")
+
+
 @pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/datasets/camvid is not beside the checkout")
-def test_default_model_val_miou_at_least_70_percent():
-    """Through the service's own pipeline (ONNX Runtime on CPU, the shipped ONNX, the service's pre-processing)."""
+@pytest.mark.parametrize("name", [DEFAULT_MODEL, f"{DEFAULT_MODEL}_int8"])
+def test_default_model_val_miou_at_least_70_percent(name):
+    """Through the service's own pipeline (ONNX Runtime on CPU, the shipped ONNX, the service's pre-processing);
+    the score written in each model's metadata is the one measured here."""
     from app.evaluate import evaluate
 
-    model = load_model(ENGINES / f"{DEFAULT_MODEL}.onnx")
+    model = load_model(ENGINES / f"{name}.onnx")
     try:
         result = evaluate(model, CAMVID, "val", void_id=11)
     finally:
         model.close()
     assert result["images"] == 101
     assert result["miou"] >= 0.70, result
+    assert round(result["miou"], 4) == model.meta.extra["evaluation"]["miou"]
