@@ -101,6 +101,9 @@ def shape_profile(onnx_path: Path, meta: ModelMeta, opts: BuildOptions) -> tuple
     for key, (b, h, w) in shapes.items():
         if (fixed_h and h != fixed_h) or (fixed_w and w != fixed_w):
             raise ValueError(f"{key} shape {h}x{w} contradicts the model's fixed input {fixed_h}x{fixed_w}")
+    if not all(lo <= mid <= hi for lo, mid, hi in zip(shapes["min"], shapes["opt"], shapes["max"])):
+        raise ValueError("the profile needs min <= opt <= max in batch, height and width; got min {min}, opt {opt}, "
+                         "max {max} (give the other shapes too)".format(**shapes))
     return inp, shapes
 
 

@@ -217,6 +217,15 @@ def test_profile_contradicting_fixed_input_is_refused(tmp_path):
         shape_profile(onnx_path, ModelMeta(), BuildOptions(max_shape=(4, 128, 128)))
 
 
+def test_profile_out_of_order_is_refused(tmp_path):
+    onnx_path = rgb_model(tmp_path / "m.onnx", height="H", width="W")
+    meta = ModelMeta.model_validate({**RGB_META, "input_size": (128, 256)})
+    with pytest.raises(ValueError, match="min <= opt <= max"):  # opt above the default max (the metadata size)
+        shape_profile(onnx_path, meta, BuildOptions(opt_shape=(1, 256, 512)))
+    _, shapes = shape_profile(onnx_path, meta, BuildOptions(opt_shape=(1, 256, 512), max_shape=(4, 512, 1024)))
+    assert shapes == {"min": (1, 128, 256), "opt": (1, 256, 512), "max": (4, 512, 1024)}
+
+
 def test_int8_qdq_quantization_and_its_cache(tmp_path):
     """The int8 path's quantization step (explicit Q/DQ) for both targets, executed for real on CPU."""
     import cv2
