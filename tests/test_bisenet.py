@@ -200,3 +200,39 @@ def test_uint8_input_export_serves_raw_pixels_with_the_same_labels(tmp_path):
     finally:
         raw.close()
         flt.close()
+
+
+def test_int8_build_of_raw_pixel_bisenet_for_onnxruntime(tmp_path):
+    """`segment compile raw.onnx raw_int8.onnx --int8 DIR` on a real BiSeNetV2 with uint8 NHWC input: the
+    calibration feeds raw pixels, the result is a Q/DQ graph with the same input, and it serves."""
+    import onnx
+
+    from app.bisenet.export import export
+    from app.compiler import BuildOptions, compile_model
+    from app.pipeline import segment_image
+
+    from .conftest import SAMPLE
+
+    engines, calib = tmp_path / "engines", tmp_path / "calib"
+    calib.mkdir()
+    (calib / "street.png").write_bytes(SAMPLE.read_bytes())
+    export("bisenetv2", engines / "raw.onnx", weights=None, classes=19, dataset="cityscapes", height=64, width=128,
+           input_kind="uint8", seed=3)
+    lines = []
+    meta = compile_model(engines / "raw.onnx", engines / "raw_int8.onnx",
+                         BuildOptions(precision="int8", calib_dir=calib), progress=lines.append)
+    assert any(line.startswith("parity: label agreement") for line in lines)
+    build = meta.extra["build"]
+    assert build["target"] == "onnxruntime" and build["calibration_size"] == [64, 128]
+    assert 0.5 < build["parity"]["label_agreement"] <= 1.0 and build["parity"]["images"] == 1
+    graph = onnx.load(str(engines / "raw_int8.onnx")).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 10
+    model = load_model(engines / "raw_int8.onnx")
+    try:
+        assert model.uint8_input and model.meta.extra["precision"] == "int8"
+        labels = segment_image(model, np.random.default_rng(4).integers(0, 255, (90, 160, 3), np.uint8)).labels
+        assert labels.shape == (90, 160) and labels.max() < 19
+    finally:
+        model.close()
+    assert not any(p.name.startswith(".raw_int8") for p in engines.iterdir())  # no work files left behind
