@@ -18,6 +18,8 @@ COPY app app
 COPY templates templates
 COPY static static
 COPY engines engines
+# the sample photo of GET /bench and of the builds' parity check
+COPY benchmarks/data/cityscapes_example.png benchmarks/data/cityscapes_example.png
 
 RUN useradd --create-home --uid 10001 segment && chown -R segment:segment /srv/app/engines
 USER 10001

@@ -176,11 +176,11 @@ def cached_qdq(onnx_path: Path, cache_dir: Path, size: tuple[int, int], calib_di
 
 
 def cpu_has_vnni() -> bool:
-    """Whether this CPU has VNNI (8-bit dot products), which ONNX Runtime's int8 kernels rely on."""
+    """Whether this x86 CPU has VNNI (8-bit dot products), which ONNX Runtime's int8 kernels rely on."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.machine().lower() in ("arm64", "aarch64")  # no u8s8 overflow issue there
+        return False
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
@@ -201,7 +201,8 @@ def quantize_qdq(onnx_path: Path, out_path: Path, size: tuple[int, int], calib_d
     if target == "tensorrt":
         activations, extra, reduce_range = QuantType.QInt8, {"ActivationSymmetric": True, "WeightSymmetric": True}, False
     else:
-        activations, extra, reduce_range = QuantType.QUInt8, {"WeightSymmetric": True}, not cpu_has_vnni()
+        x86 = platform.machine().lower() in ("x86_64", "amd64")  # the u8 x s8 overflow is an x86 matter
+        activations, extra, reduce_range = QuantType.QUInt8, {"WeightSymmetric": True}, x86 and not cpu_has_vnni()
     # ONNX Runtime's recommended pre-pass (constant folding, fusions, shapes): without it, biases that the
     # exporter shared between layers (behind Identity nodes) stay float and their convolutions unquantized.
     # Symbolic shape inference is for transformers and fails on some conv graphs: ONNX's own suffices here.

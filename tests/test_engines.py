@@ -385,6 +385,20 @@ def test_dockerfiles_lint_clean():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_docker_images_carry_the_files_the_service_reads():
+    """The bench's and the parity check's sample photo, the page and the models are copied into both images."""
+    from app.bench import DEFAULT_IMAGE
+
+    from .conftest import ROOT
+
+    needed = {DEFAULT_IMAGE.relative_to(ROOT).as_posix(), "templates", "static", "engines", "app"}
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert f"!{DEFAULT_IMAGE.relative_to(ROOT).as_posix()}" in ignored  # benchmarks/ is ignored, but not this file
+    for dockerfile in ("Dockerfile", "Dockerfile.cpu"):
+        copied = {line.split()[1] for line in (ROOT / dockerfile).read_text().splitlines() if line.startswith("COPY ")}
+        assert needed <= copied, (dockerfile, needed - copied)
+
+
 @needs_no_trt
 def test_uploaded_calibration_set_is_checked_before_tensorrt(admin, engines):
     """Without TensorRT the 503 comes first; the upload path itself is checked with TensorRT present."""
