@@ -73,7 +73,7 @@ def run(model: SegmentationModel, cfg: BenchConfig, progress: Callable[[int], No
         if cfg.size is not None:
             raise ValueError("e2e mode feeds the image as a request would; --size applies to engine mode")
         h, w = input_size(model, *image.shape[:2], cfg.max_side)
-        shape = [1, 3, h, w]
+        shape = list(model.input_shape(1, h, w))
 
         def step():
             s = segment_bytes(model, data, 1 << 62, cfg.max_side)

@@ -244,6 +244,10 @@ class SegmentationModel:
     def uint8_input(self) -> bool:
         return self.input_dtype == np.uint8
 
+    def input_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """A full input shape in this model's layout: NHWC for raw-pixel models, NCHW otherwise."""
+        return (batch, height, width, 3) if self.uint8_input else (batch, 3, height, width)
+
     def enable_batching(self, max_batch: int, max_wait_ms: float, on_batch=None) -> bool:
         """Gather concurrent single images into batches (only for a model with a dynamic batch dimension)."""
         from .batching import Batcher
@@ -253,9 +257,7 @@ class SegmentationModel:
         on_cuda = self.backend == "onnxruntime" and self.device == "cuda"
         self.batcher = Batcher(self._infer_now, max_batch, max_wait_ms, on_batch, fixed_batch=on_cuda)
         if on_cuda and not self.dynamic_hw:  # the one batch shape's first run (cuDNN's search) now, not on a request
-            h, w = self.input_hw
-            shape = (max_batch, h, w, 3) if self.uint8_input else (max_batch, 3, h, w)
-            self._infer_now(np.zeros(shape, self.input_dtype))
+            self._infer_now(np.zeros(self.input_shape(max_batch, *self.input_hw), self.input_dtype))
         return True
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -353,7 +355,7 @@ def _inspect(path: Path, meta: ModelMeta, runner, backend: str) -> SegmentationM
     # Dry run: proves the model executes, and tells logits from labels by what comes out.
     h = hw[0] or (meta.input_size[0] if meta.input_size else 64)
     w = hw[1] or (meta.input_size[1] if meta.input_size else 64)
-    probe = np.zeros((1, h, w, 3), np.uint8) if uint8_nhwc else np.zeros((1, 3, h, w), np.float32)
+    probe = np.zeros(model.input_shape(1, h, w), dtype)
     try:
         out = np.asarray(next(iter(runner.infer({input_name: probe}).values())))
     except Exception as exc:

@@ -110,3 +110,24 @@ def test_segment_test_cli_prints_table_and_saves_json(engines, tmp_path, capsys)
     assert "throughput" in text and "p99" in text and "onnxruntime" in text
     saved = json.loads(out.read_text())
     check_report(saved, 7, 1)
+
+
+def test_raw_pixel_model_reports_its_own_layout(engines):
+    """A uint8 NHWC model (`segment export --input uint8`): both modes report the shape it is really fed."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 64, 128, 3])
+    y = helper.make_tensor_value_info("preds", TensorProto.UINT8, ["N", 64, 128])
+    nodes = [helper.make_node("ArgMax", ["pixels"], ["idx"], axis=3, keepdims=0),
+             helper.make_node("Cast", ["idx"], ["preds"], to=TensorProto.UINT8)]
+    graph = helper.make_model(helper.make_graph(nodes, "raw", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    graph.ir_version = 8
+    onnx.save(graph, str(engines / "raw.onnx"))
+    m = load_model(engines / "raw.onnx")
+    try:
+        assert m.uint8_input and m.input_shape(2, 64, 128) == (2, 64, 128, 3)
+        assert bench.run(m, bench.BenchConfig(iterations=2, warmup_iterations=1))["input_shape"] == [1, 64, 128, 3]
+        assert bench.run(m, bench.BenchConfig(mode="e2e", iterations=2, warmup_iterations=1))["input_shape"] == [1, 64, 128, 3]
+    finally:
+        m.close()
