@@ -235,12 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = _command(sub, "compile", "build a TensorRT engine from ONNX (needs TensorRT and an NVIDIA GPU), "
-                 "or an int8 ONNX model for ONNX Runtime on CPU",
+                 "or an fp16 (CUDA) or int8 (CPU) ONNX model for ONNX Runtime",
                  "segment compile model.onnx model.trt --fp16",
                  "segment compile model.onnx model.plan --int8 calib_images/ --max-shape 8,1024,2048",
-                 "segment compile model.onnx model_int8.onnx --int8 calib_images/   # ONNX Runtime, no GPU")
+                 "segment compile model.onnx model_int8.onnx --int8 calib_images/   # ONNX Runtime, no GPU",
+                 "segment compile model.onnx model_fp16.onnx --fp16   # ONNX Runtime's CUDA provider")
     p.add_argument("onnx", type=Path)
-    p.add_argument("engine", type=Path, help="output: .trt, .engine or .plan (TensorRT); .onnx (ONNX Runtime int8)")
+    p.add_argument("engine", type=Path, help="output: .trt, .engine or .plan (TensorRT); .onnx (ONNX Runtime fp16 or int8)")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="(default)")
     prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16")

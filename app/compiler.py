@@ -1,9 +1,10 @@
-"""ONNX -> TensorRT engine, or ONNX -> int8 ONNX for ONNX Runtime (``segment compile`` and ``POST /engines``).
+"""ONNX -> TensorRT engine, or ONNX -> fp16 or int8 ONNX for ONNX Runtime (``segment compile``, ``POST /engines``).
 
 TensorRT: ``NetworkFromOnnxPath -> CreateConfig(precision, profile, timing cache) -> EngineFromNetwork ->
 SaveEngine``. int8 for either backend is explicit quantization, Q/DQ nodes in the ONNX graph (TensorRT
 deprecated calibrators in 10.1), made by ONNX Runtime's static quantizer calibrated on the user's photos and
-cached by content. An output ending in ``.onnx`` is that Q/DQ model itself, for ONNX Runtime on CPU.
+cached by content. An output ending in ``.onnx`` is a model for ONNX Runtime: that Q/DQ model itself (for
+CPUs), or an fp16 copy (for its CUDA provider) with the inputs and outputs kept as they were.
 Every build is written to a temporary file and renamed, metadata last, so a failed or killed build leaves
 nothing behind, and is checked against its source model on real photos before it is kept.
 """
@@ -22,6 +23,7 @@ from .runner import ENGINE_SUFFIXES, ONNX_SUFFIXES, TensorRTUnavailable, gpu_inf
 
 log = logging.getLogger("segment.compiler")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+ONNXRUNTIME_BUILDS = ("fp16", "int8")  # fp32 is the source ONNX itself; bf16 only TensorRT builds
 PARITY_MIN_AGREEMENT = {"int8": 0.95}  # labels equal to the source model's on the check photos; else 0.99
 PARITY_IMAGES = 4
 QUANT_RECIPE = "pre-process, MinMax, per-channel weights, Q/DQ"  # part of the calibration cache key
@@ -226,6 +228,18 @@ def quantize_qdq(onnx_path: Path, out_path: Path, size: tuple[int, int], calib_d
     return out_path
 
 
+def float16_onnx(onnx_path: Path, out_path: Path) -> Path:
+    """An fp16 copy of an ONNX model for ONNX Runtime's CUDA provider (tensor cores, half the weight bytes).
+
+    Inputs and outputs keep their types (float or uint8 pixels in, class ids out), so the service feeds it
+    exactly as it fed the source; the input casts inside the graph become casts to fp16."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True), str(out_path))
+    return out_path
+
+
 def parity(candidate: Path, reference: Path, size: tuple[int, int], images: list[Path]) -> dict:
     """Labels of the built model against its source model's, both served as the service serves them."""
     from .pipeline import preprocess
@@ -254,19 +268,19 @@ def parity_images(opts: BuildOptions) -> list[Path]:
 
 def compile_model(onnx_path: Path, out_path: Path, opts: BuildOptions,
                   progress: Callable[[str], None] = log.info) -> ModelMeta:
-    """Build ``out_path`` from ``onnx_path``: a TensorRT engine, or (``.onnx``) an int8 model for ONNX Runtime.
+    """Build ``out_path`` from ``onnx_path``: a TensorRT engine, or (``.onnx``) an fp16 or int8 model for ONNX Runtime.
 
     Returns the metadata written beside it."""
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     target = "onnxruntime" if out_path.suffix.lower() in ONNX_SUFFIXES else "tensorrt"
     if target == "tensorrt" and out_path.suffix.lower() not in ENGINE_SUFFIXES:
-        raise ValueError(f"{out_path.name}: the output must end in .onnx (ONNX Runtime int8) or "
+        raise ValueError(f"{out_path.name}: the output must end in .onnx (ONNX Runtime fp16 or int8) or "
                          f"{', '.join(ENGINE_SUFFIXES)} (TensorRT)")
     if out_path.resolve() == onnx_path.resolve():
         raise ValueError("the output would overwrite the source model; pick another name")
-    if target == "onnxruntime" and opts.precision != "int8":
-        raise ValueError("an .onnx output is an int8 model for ONNX Runtime: pass --int8 CALIB_DIR (fp32 is the "
-                         "source ONNX itself; fp16 and bf16 are TensorRT precisions)")
+    if target == "onnxruntime" and opts.precision not in ONNXRUNTIME_BUILDS:
+        raise ValueError(f"an .onnx output is an fp16 or int8 model for ONNX Runtime, not {opts.precision}: pass "
+                         "--fp16 or --int8 CALIB_DIR (fp32 is the source ONNX itself; bf16 is a TensorRT precision)")
     if target == "tensorrt" and not tensorrt_available():
         raise TensorRTUnavailable()
     meta = load_meta(onnx_path)
@@ -280,7 +294,10 @@ def compile_model(onnx_path: Path, out_path: Path, opts: BuildOptions,
     built = work / f"model{out_path.suffix}"
     try:
         start, source = time.perf_counter(), onnx_path
-        if opts.precision == "int8":
+        if opts.precision == "fp16" and target == "onnxruntime":
+            source = work / "fp16.onnx"
+            float16_onnx(onnx_path, source)
+        elif opts.precision == "int8":
             source = cached_qdq(onnx_path, out_path.parent / ".calibration-cache", size, Path(opts.calib_dir),
                                 opts.calib_images, target, progress)
         if target == "tensorrt":
@@ -291,7 +308,8 @@ def compile_model(onnx_path: Path, out_path: Path, opts: BuildOptions,
             shutil.copyfile(source, built)
             import onnxruntime
 
-            backend = {"onnxruntime_version": onnxruntime.__version__, "cpu_vnni": cpu_has_vnni()}
+            backend = {"onnxruntime_version": onnxruntime.__version__,
+                       **({"cpu_vnni": cpu_has_vnni()} if opts.precision == "int8" else {})}
         duration = time.perf_counter() - start
         save_meta(built, meta)  # the parity check loads the candidate as the service would
         progress(f"built in {duration:.1f} s; checking labels against the source model")

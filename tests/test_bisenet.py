@@ -202,6 +202,41 @@ def test_uint8_input_export_serves_raw_pixels_with_the_same_labels(tmp_path):
         flt.close()
 
 
+def test_fp16_build_of_raw_pixel_bisenet_for_onnxruntime(tmp_path, caplog):
+    """`segment compile raw.onnx raw_fp16.onnx --fp16` on a real BiSeNetV2 with uint8 NHWC input: weights and
+    arithmetic in fp16, raw pixels in and class ids out as before, labels as the fp32 model's."""
+    import onnx
+
+    from app.bisenet.export import export
+    from app.compiler import BuildOptions, compile_model
+    from app.pipeline import segment_image
+
+    engines = tmp_path / "engines"
+    export("bisenetv2", engines / "raw.onnx", weights=None, classes=19, dataset="cityscapes", height=64, width=128,
+           input_kind="uint8", seed=3)
+    meta = compile_model(engines / "raw.onnx", engines / "raw_fp16.onnx", BuildOptions(precision="fp16"))
+    build = meta.extra["build"]
+    assert meta.extra["precision"] == "fp16" and build["target"] == "onnxruntime"
+    assert build["parity"]["label_agreement"] >= 0.99 and not build["parity"]["flagged"]
+    graph = onnx.load(str(engines / "raw_fp16.onnx")).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert graph.output[0].type.tensor_type.elem_type == onnx.load(str(engines / "raw.onnx")).graph.output[0].type.tensor_type.elem_type
+    weights = [t for t in graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in weights) > 0.9 * len(weights)
+    assert (engines / "raw_fp16.onnx").stat().st_size < 0.6 * (engines / "raw.onnx").stat().st_size
+    with caplog.at_level("WARNING", logger="segment.runner"):
+        fp16, fp32 = load_model(engines / "raw_fp16.onnx"), load_model(engines / "raw.onnx")
+    assert "fp16 build for ONNX Runtime's CUDA provider" in caplog.text  # this host has no GPU
+    try:
+        image = np.random.default_rng(4).integers(0, 255, (90, 160, 3), np.uint8)
+        a, b = segment_image(fp16, image).labels, segment_image(fp32, image).labels
+        assert fp16.uint8_input and a.shape == (90, 160) and (a == b).mean() >= 0.99
+    finally:
+        fp16.close()
+        fp32.close()
+    assert not any(p.name.startswith(".raw_fp16") for p in engines.iterdir())
+
+
 def test_int8_build_of_raw_pixel_bisenet_for_onnxruntime(tmp_path):
     """`segment compile raw.onnx raw_int8.onnx --int8 DIR` on a real BiSeNetV2 with uint8 NHWC input: the
     calibration feeds raw pixels, the result is a Q/DQ graph with the same input, and it serves."""

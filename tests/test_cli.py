@@ -41,8 +41,9 @@ def test_clear_errors(engines, tmp_path):
     assert r.returncode != 0 and "not" in r.stderr and "Traceback" not in r.stderr
     r = segment("compile", str(model), str(tmp_path / "out.txt"))
     assert r.returncode != 0 and "must end in" in r.stderr
-    r = segment("compile", str(model), str(tmp_path / "out.onnx"), "--fp16")
-    assert r.returncode != 0 and "int8 model for ONNX Runtime" in r.stderr and not (tmp_path / "out.onnx").exists()
+    r = segment("compile", str(model), str(tmp_path / "out.onnx"), "--bf16")
+    assert r.returncode != 0 and "fp16 or int8 model for ONNX Runtime, not bf16" in r.stderr
+    assert not (tmp_path / "out.onnx").exists()
     r = segment("compile", str(model), str(tmp_path / "out.trt"), "--max-shape", "8,1024")
     assert r.returncode != 0 and "batch,height,width" in r.stderr
     (tmp_path / "bad.engine").write_bytes(b"\0" * 32)

@@ -277,33 +277,51 @@ def wait_for(client, url: str) -> dict:
     raise AssertionError(f"job did not finish: {job}")
 
 
-def test_int8_for_onnxruntime_built_through_the_api_and_served(admin, engines):
-    """No GPU needed: a 202 job calibrates on uploaded photos, checks parity, and the result serves correctly."""
+def build_and_serve_onnxruntime(admin, engines, name: str, precision: str, files=None) -> dict:
+    """Build ``name`` from a 1x1-conv model through the API as a 202 job, activate it, check it labels a photo
+    exactly, and return its registry entry."""
     rgb_model(engines / "conv.onnx", height=64, width=64, conv=True)
-    photos = [("calib_images", (f"{i}.png", png_bytes(quadrants(64 + 8 * i, 64)[0]), "image/png")) for i in range(3)]
-    r = admin.post("/engines", headers=AUTH, data={"name": "conv_int8", "source": "conv", "target": "onnxruntime",
-                                                   "precision": "int8"}, files=photos)
+    r = admin.post("/engines", headers=AUTH, data={"name": name, "source": "conv", "target": "onnxruntime",
+                                                   "precision": precision}, files=files)
     assert r.status_code == 202, r.text
     job = wait_for(admin, r.json()["status_url"])
     assert job["state"] == "succeeded", job
     assert any("parity: label agreement 100.0000%" in line for line in job["progress"]), job["progress"]
-    entry = admin.get("/engines/conv_int8").json()
-    assert entry["kind"] == "onnx" and entry["precision"] == "int8" and entry["complete"]
-    assert entry["metadata"]["extra"]["build"]["options"]["calib_dir"].endswith("calibration/conv_int8")
-    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx.load(str(engines / "conv_int8.onnx")).graph.node}
-    assert admin.post("/engines/conv_int8/activate", headers=AUTH).status_code == 200
+    entry = admin.get(f"/engines/{name}").json()
+    assert entry["kind"] == "onnx" and entry["precision"] == precision and entry["complete"]
+    assert admin.post(f"/engines/{name}/activate", headers=AUTH).status_code == 200
     photo, truth = quadrants(64, 64)
     r = admin.post("/segment", params={"view": "labels"}, files={"image": ("p.png", png_bytes(photo), "image/png")})
     assert r.status_code == 200 and np.array_equal(decode_png(r.content), truth)
-    assert admin.get("/models/active").json()["precision"] == "int8"
+    assert admin.get("/models/active").json()["precision"] == precision
+    return entry
+
+
+def test_int8_for_onnxruntime_built_through_the_api_and_served(admin, engines):
+    """No GPU needed: a 202 job calibrates on uploaded photos, checks parity, and the result serves correctly."""
+    photos = [("calib_images", (f"{i}.png", png_bytes(quadrants(64 + 8 * i, 64)[0]), "image/png")) for i in range(3)]
+    entry = build_and_serve_onnxruntime(admin, engines, "conv_int8", "int8", files=photos)
+    assert entry["metadata"]["extra"]["build"]["options"]["calib_dir"].endswith("calibration/conv_int8")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx.load(str(engines / "conv_int8.onnx")).graph.node}
     # the same name again is refused before any work is queued
     r = admin.post("/engines", headers=AUTH, data={"name": "conv_int8", "source": "conv", "target": "onnxruntime",
                                                    "precision": "int8", "calib_source": "conv_int8"})
     assert r.status_code == 409
 
 
+def test_fp16_for_onnxruntime_built_through_the_api_and_served(admin, engines):
+    """precision=fp16 for ONNX Runtime: weights in fp16, input and output types kept, and the copy serves the
+    same labels (on CPU too, where it is correct but not faster)."""
+    entry = build_and_serve_onnxruntime(admin, engines, "conv_fp16", "fp16")
+    assert "cpu_vnni" not in entry["metadata"]["extra"]["build"]
+    graph = onnx.load(str(engines / "conv_fp16.onnx")).graph
+    assert {t.name: t.data_type for t in graph.initializer} == {"eye": TensorProto.FLOAT16}
+    assert [graph.input[0].type.tensor_type.elem_type, graph.output[0].type.tensor_type.elem_type] == \
+        [TensorProto.FLOAT, TensorProto.UINT8]
+
+
 @pytest.mark.parametrize("form, status, words", [
-    ({"target": "onnxruntime", "precision": "fp16"}, 422, "fp32 or int8"),
+    ({"target": "onnxruntime", "precision": "bf16"}, 422, "fp32, fp16 (CUDA) or int8"),
     ({"target": "onnxruntime", "precision": "int8", "max_shape": "8,1024"}, 422, "batch,height,width"),
     ({"target": "onnxruntime", "precision": "int8", "opt_shape": "1,a,b"}, 422, "invalid shape"),
     ({"target": "onnxruntime", "precision": "int8", "min_shape": "0,64,64"}, 422, "at least 1"),

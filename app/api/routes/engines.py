@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from ...compiler import parse_shape
+from ...compiler import ONNXRUNTIME_BUILDS, parse_shape
 from ...metadata import MetadataError, ModelMeta
 from ...registry import Conflict, NotFound, check_name
 from ...runner import IncompatibleEngine, ModelError, TensorRTUnavailable, tensorrt_available
@@ -96,7 +96,7 @@ def delete(name: str, state: StateDep) -> dict:
 
 @router.post("", status_code=202, dependencies=[AdminDep], responses={
     201: {"description": "ONNX model registered as it is for ONNX Runtime (target=onnxruntime, fp32)"},
-    202: {"description": "Build queued (a TensorRT engine, or an int8 model for ONNX Runtime); poll `status_url`"},
+    202: {"description": "Build queued (a TensorRT engine, or an fp16 or int8 model for ONNX Runtime); poll `status_url`"},
     503: {"description": "TensorRT is not installed on this host"}})
 async def create(
     state: StateDep,
@@ -105,7 +105,7 @@ async def create(
     source: Annotated[str | None, Form(description="A registered ONNX model to compile, instead of an upload")] = None,
     target: Annotated[Literal["tensorrt", "onnxruntime"], Form()] = "tensorrt",
     precision: Annotated[Literal["fp32", "fp16", "bf16", "int8"] | None,
-                         Form(description="TensorRT: default fp16. ONNX Runtime: fp32 (as uploaded) or int8")] = None,
+                         Form(description="TensorRT: default fp16. ONNX Runtime: fp32 (as uploaded), fp16 (CUDA) or int8")] = None,
     min_shape: Annotated[str | None, Form(description="Dynamic profile minimum, 'batch,height,width'")] = None,
     opt_shape: Annotated[str | None, Form(description="Dynamic profile optimum, 'batch,height,width'")] = None,
     max_shape: Annotated[str | None, Form(description="Dynamic profile maximum, 'batch,height,width'")] = None,
@@ -115,7 +115,8 @@ async def create(
                                                           "engines/calibration/<name>")] = None,
     metadata: Annotated[str | None, Form(description="JSON metadata for an uploaded ONNX (dataset, classes, mean/std...)")] = None,
 ):
-    """Register an ONNX model for ONNX Runtime (201), or build a TensorRT engine or an int8 ONNX model (202 + job)."""
+    """Register an ONNX model for ONNX Runtime (201), or build a TensorRT engine or an fp16 or int8 ONNX model
+    (202 + job)."""
     precision = precision or ("fp16" if target == "tensorrt" else "fp32")
     try:
         shapes = {flag: parse_shape(value) for flag, value in
@@ -126,9 +127,9 @@ async def create(
         check_name(name)
         if (onnx is None) == (source is None):
             raise HTTPException(422, detail="give exactly one of: an `onnx` file upload, or `source` (a registered ONNX name)")
-        if target == "onnxruntime" and precision not in ("fp32", "int8"):
-            raise HTTPException(422, detail=f"ONNX Runtime serves fp32 or int8 models, not {precision} "
-                                            "(fp16 and bf16 are TensorRT precisions)")
+        if target == "onnxruntime" and precision not in ("fp32", *ONNXRUNTIME_BUILDS):
+            raise HTTPException(422, detail=f"ONNX Runtime serves fp32, fp16 (CUDA) or int8 models, not {precision} "
+                                            "(bf16 is a TensorRT precision)")
         if target == "tensorrt" and not tensorrt_available():
             raise TensorRTUnavailable()
         meta = ModelMeta.model_validate(json.loads(metadata)) if metadata else None
@@ -160,7 +161,7 @@ async def create(
         raise HTTPException(400, detail=f"source {source!r} is not an ONNX model")
     if not build:
         raise HTTPException(409, detail=f"{source!r} is already registered for ONNX Runtime; "
-                                        "precision=int8 builds an int8 copy")
+                                        "precision=fp16 or int8 builds a copy")
     try:
         registry.ensure_free(name)
     except Conflict as exc:
