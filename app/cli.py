@@ -60,14 +60,16 @@ def cmd_train(args) -> int:
 
 def _load(path: Path):
     """Load a model file for a one-off command, with plain-words errors instead of tracebacks."""
-    from .runner import MODEL_SUFFIXES, ModelError, load_model
+    from .core.config import get_settings
+    from .runner import MODEL_SUFFIXES, ModelError, OrtOptions, load_model
 
     if not path.is_file():
         raise SystemExit(f"error: no such model file: {path}")
     if path.suffix.lower() not in MODEL_SUFFIXES:
         raise SystemExit(f"error: {path.name}: expected a model file ({', '.join(MODEL_SUFFIXES)})")
+    s = get_settings()
     try:
-        return load_model(path)
+        return load_model(path, backend=s.backend, ort=OrtOptions.from_settings(s))
     except ModelError as exc:
         raise SystemExit(f"error: {exc}") from None
 

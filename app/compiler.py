@@ -198,7 +198,7 @@ def quantize_qdq(onnx_path: Path, out_path: Path, size: tuple[int, int], calib_d
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from .pipeline import preprocess
-    from .runner import load_model
+    from .runner import OrtOptions, load_model
 
     if target == "tensorrt":
         activations, extra, reduce_range = QuantType.QInt8, {"ActivationSymmetric": True, "WeightSymmetric": True}, False
@@ -210,7 +210,7 @@ def quantize_qdq(onnx_path: Path, out_path: Path, size: tuple[int, int], calib_d
     # Symbolic shape inference is for transformers and fails on some conv graphs: ONNX's own suffices here.
     prepared = out_path.with_name(f".{out_path.name}.prepared.onnx")
     quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
-    source = load_model(onnx_path, providers="cpu")
+    source = load_model(onnx_path, ort=OrtOptions(providers="cpu"))
     try:
         batches = ({source.input_name: preprocess(img, source, size)}
                    for img in photos(calibration_files(calib_dir, limit)))
@@ -243,9 +243,9 @@ def float16_onnx(onnx_path: Path, out_path: Path) -> Path:
 def parity(candidate: Path, reference: Path, size: tuple[int, int], images: list[Path]) -> dict:
     """Labels of the built model against its source model's, both served as the service serves them."""
     from .pipeline import preprocess
-    from .runner import load_model
+    from .runner import OrtOptions, load_model
 
-    models = [load_model(candidate), load_model(reference, providers="cpu")]
+    models = [load_model(candidate), load_model(reference, ort=OrtOptions(providers="cpu"))]
     try:
         same = total = 0
         for img in photos(images):

@@ -51,20 +51,51 @@ def tensorrt_available() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
+@dataclass(frozen=True)
+class OrtOptions:
+    """How ONNX Runtime sessions are made: providers, CPU threads, CUDA provider options, CUDA waits."""
+
+    providers: str = "auto"  # auto (CUDA when onnxruntime-gpu sees a GPU, else CPU) or a comma list
+    threads: int = 0  # intra-op threads, 0: one per core
+    cuda_options: dict = field(default_factory=dict)  # CUDA provider options, e.g. {"prefer_nhwc": 1}
+    cuda_blocking_sync: bool = False  # waits for the GPU sleep instead of spinning a CPU core
+
+    @classmethod
+    def from_settings(cls, settings) -> "OrtOptions":
+        return cls(settings.ort_providers, settings.ort_threads, dict(settings.ort_cuda_options),
+                   settings.cuda_blocking_sync)
+
+
+def cuda_blocking_sync() -> bool:
+    """Make this process's waits for the GPU sleep rather than spin (``cudaDeviceScheduleBlockingSync``).
+
+    ONNX Runtime has no option for it, so it is set on the CUDA runtime that onnxruntime-gpu loaded; it takes
+    effect only before the process's first CUDA context, i.e. before its first session."""
+    import ctypes
+
+    for name in ("libcudart.so.13", "libcudart.so.12", "cudart64_13.dll", "cudart64_12.dll"):
+        try:
+            runtime = ctypes.CDLL(name)
+        except OSError:
+            continue
+        return runtime.cudaSetDeviceFlags(0x04) == 0
+    return False
+
+
 class OrtSessionLoader:
     """Polygraphy-style loader: a callable that builds an ONNX Runtime session with our options."""
 
-    def __init__(self, path: Path, providers: str = "auto", threads: int = 0):
-        self.path, self.providers, self.threads = path, providers, threads
+    def __init__(self, path: Path, options: OrtOptions = OrtOptions()):
+        self.path, self.options = path, options
 
     def resolved_providers(self) -> list[str]:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
-        if self.providers == "auto":
+        if self.options.providers == "auto":
             wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
-            wanted = [p.strip() for p in self.providers.split(",") if p.strip()]
+            wanted = [p.strip() for p in self.options.providers.split(",") if p.strip()]
         chosen = []
         for want in wanted:
             match = next((a for a in available if want.lower() in a.lower()), None)
@@ -80,12 +111,28 @@ class OrtSessionLoader:
             # onnxruntime-gpu finds CUDA and cuDNN from the nvidia-* pip packages only once they are loaded;
             # without this the CUDA provider silently falls back to CPU (or needs `import torch` first).
             ort.preload_dlls()
+            if self.options.cuda_blocking_sync and not cuda_blocking_sync():
+                log.debug("blocking CUDA sync not set (a CUDA context already exists in this process)")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
+        if self.options.threads:
+            opts.intra_op_num_threads = self.options.threads
         opts.log_severity_level = 3
-        return ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+
+        def session(cuda_options: dict):
+            return ort.InferenceSession(str(self.path), sess_options=opts, providers=[
+                (p, {k: str(v) for k, v in cuda_options.items()}) if p == "CUDAExecutionProvider" else p
+                for p in providers])
+
+        sess = session(self.options.cuda_options)
+        if self.options.cuda_options and "CUDAExecutionProvider" in providers and \
+                "CUDAExecutionProvider" not in sess.get_providers():
+            # ONNX Runtime falls back to the CPU when the CUDA provider fails with these options (e.g. no cuDNN
+            # engine for a fused convolution): the GPU with its defaults beats that fallback.
+            log.warning("%s: the CUDA provider failed with options %s; using its defaults", self.path.name,
+                        self.options.cuda_options)
+            sess = session({})
+        return sess
 
 
 def check_onnx_graph(path: Path) -> None:
@@ -158,7 +205,7 @@ def numpy_onnxrt_runner():
     return NumpyOnnxrtRunner
 
 
-def make_runner(path: Path, backend: str = "auto", providers: str = "auto", threads: int = 0):
+def make_runner(path: Path, backend: str = "auto", ort: OrtOptions = OrtOptions()):
     """The Polygraphy runner for ``path`` (not yet activated) and a short backend name."""
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
@@ -166,7 +213,7 @@ def make_runner(path: Path, backend: str = "auto", providers: str = "auto", thre
             raise ModelError(f"{path.name} is an ONNX model but backend=tensorrt: compile it first "
                              "(`segment compile` or POST /engines)")
         check_onnx_graph(path)
-        return numpy_onnxrt_runner()(OrtSessionLoader(path, providers, threads), name=path.stem), "onnxruntime"
+        return numpy_onnxrt_runner()(OrtSessionLoader(path, ort), name=path.stem), "onnxruntime"
     if suffix in ENGINE_SUFFIXES:
         if backend == "onnxruntime":
             raise ModelError(f"{path.name} is a TensorRT engine but backend=onnxruntime")
@@ -302,10 +349,10 @@ def _dim(value) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def load_model(path: Path, backend: str = "auto", providers: str = "auto", threads: int = 0) -> SegmentationModel:
+def load_model(path: Path, backend: str = "auto", ort: OrtOptions = OrtOptions()) -> SegmentationModel:
     """Load, activate and dry-run the model at ``path``; :class:`ModelError` says why it cannot serve."""
     meta = load_meta(path)
-    runner, backend_name = make_runner(path, backend, providers, threads)
+    runner, backend_name = make_runner(path, backend, ort)
     try:
         runner.activate()
     except ModelError:

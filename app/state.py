@@ -9,7 +9,7 @@ from .jobs import JobQueue
 from .metadata import MetadataError
 from .metrics import Metrics
 from .registry import Registry
-from .runner import ModelError, SegmentationModel, load_model
+from .runner import ModelError, OrtOptions, SegmentationModel, load_model
 
 log = logging.getLogger("segment.state")
 
@@ -31,8 +31,7 @@ class ServiceState:
     def load(self, name: str) -> SegmentationModel:
         """Load a model of the repository with the configured backend options (not yet served)."""
         s = self.settings
-        model = load_model(self.registry.path(name), backend=s.backend, providers=s.ort_providers,
-                           threads=s.ort_threads)
+        model = load_model(self.registry.path(name), backend=s.backend, ort=OrtOptions.from_settings(s))
         model.enable_batching(s.batch_max, s.batch_wait_ms, self.metrics.batch_size.observe)
         return model
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from app.runner import load_model
+from app.runner import OrtOptions, load_model
 
 from .conftest import RGB_META, decode_png, make_client, png_bytes, quadrants, rgb_model
 
@@ -229,3 +229,53 @@ def test_serving_never_imports_torch(engines):
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_cuda_provider_gets_the_options_and_falls_back_to_its_defaults(engines, monkeypatch, caplog):
+    """On a GPU host the CUDA provider is asked for SEGMENT_ORT_CUDA_OPTIONS; when ONNX Runtime rejects them
+    and falls back to the CPU, the model is loaded again on the GPU with the provider's defaults.
+
+    No GPU here: ONNX Runtime's session is wrapped to record what it is asked for and to answer as
+    onnxruntime-gpu does when fused convolutions find no cuDNN engine (a CPU-only session)."""
+    import onnxruntime as ort
+
+    from app.core.config import Settings
+
+    asked = []
+    real_session = ort.InferenceSession
+
+    class GpuSession:
+        def __init__(self, path, sess_options=None, providers=()):
+            asked.append(providers)
+            self.inner = real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+            cuda = providers[0][1] if isinstance(providers[0], tuple) else {}
+            self.providers = ["CPUExecutionProvider"] if cuda.get("fuse_conv_bias") == "1" else \
+                ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def get_providers(self):
+            return self.providers
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(ort, "InferenceSession", GpuSession)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: None, raising=False)
+    options = Settings().ort_cuda_options
+    assert options == {"prefer_nhwc": 1, "fuse_conv_bias": 1}
+    assert OrtOptions.from_settings(Settings(cuda_blocking_sync=True, ort_threads=2)) == \
+        OrtOptions("auto", 2, options, True)
+    with caplog.at_level("WARNING", logger="segment.runner"):
+        model = load_model(rgb_model(engines / "rgb.onnx"), ort=OrtOptions(cuda_options=options))
+    try:
+        assert asked[0][0] == ("CUDAExecutionProvider", {"prefer_nhwc": "1", "fuse_conv_bias": "1"})
+        assert asked[1][0] == ("CUDAExecutionProvider", {}) and len(asked) == 2
+        assert "failed with options" in caplog.text and model.device == "cuda"
+        photo, truth = quadrants(64, 64)
+        assert np.array_equal(model.infer(photo[None, :, :, ::-1].transpose(0, 3, 1, 2).astype(np.float32) / 255)[0],
+                              truth)
+    finally:
+        model.close()
+    asked.clear()
+    load_model(rgb_model(engines / "rgb.onnx"), ort=OrtOptions(cuda_options={"prefer_nhwc": 1})).close()
+    assert asked == [[("CUDAExecutionProvider", {"prefer_nhwc": "1"}), "CPUExecutionProvider"]]

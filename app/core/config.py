@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per CPU core).")
     ort_providers: str = Field(
         "auto", description="auto (CUDA when onnxruntime-gpu sees a GPU, else CPU) or a comma list, e.g. cpu.")
+    ort_cuda_options: dict[str, str | int] = Field(
+        {"prefer_nhwc": 1, "fuse_conv_bias": 1},
+        description="ONNX Runtime CUDA provider options as JSON ({} for ONNX Runtime's defaults). The default, "
+                    "NHWC convolutions with fused bias, ran BiSeNetV2 fp16 1.9x faster on an H100.")
+    cuda_blocking_sync: bool = Field(
+        False, description="CUDA waits sleep instead of spinning a CPU core (frees CPU when many workers share a GPU).")
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin routes.")
     allow_unauthenticated_admin: bool = Field(
         False, description="Local development only: admin routes without a token when none is set.")
