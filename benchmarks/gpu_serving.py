@@ -1,21 +1,28 @@
 """GPU serving through ONNX Runtime's CUDA provider, measured on one NVIDIA GPU (the lent H100).
 
-    python benchmarks/gpu_serving.py --models DIR [--seconds 12] [--clients 1,8,32]
+    python benchmarks/gpu_serving.py --models DIR [--kinds uint8,uint8_fp16] [--uploads png,jpeg]
+                                     [--configs 1:8,4:8] [--clients 1,32] [--seconds 10] [--cuda-options JSON]
 
-DIR holds BiSeNetV2 ONNX files exported at 1024x2048 (`float.onnx`: float input; `uint8.onnx`: raw pixels),
-labels output, dynamic batch. For each: the engine-only loop (NumPy in and labels out; and GPU-only, inputs
-and outputs bound on the device), then the service on loopback with 1, 8 and 32 clients sending the real
-2048x1024 sample, dynamic batching off and on. Prints throughput, p50/p99 and the server's stage means.
+DIR holds BiSeNetV2 ONNX files exported at 1024x2048, labels output, dynamic batch: `float.onnx` (float
+input), `uint8.onnx` (raw pixels). A kind ending in `_fp16` is built from the one before the suffix with
+`segment compile X.onnx X_fp16.onnx --fp16` when missing. For each kind: the engine-only loop at batch 1 and 8
+(NumPy in and labels out, with the CPU time one call costs; and GPU-only, inputs and outputs bound on the
+device), then the service on loopback for each BATCH_MAX:WORKERS setup, with 1..N clients uploading the real
+2048x1024 sample as PNG (the file itself) and as JPEG (the same photo at quality 95). Prints throughput,
+p50/p99, the server's stage means (from every response's Server-Timing), and how busy the CPUs and the GPU were.
 """
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import cv2
 import httpx
 import numpy as np
 
@@ -23,27 +30,29 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 IMAGE = ROOT / "benchmarks" / "data" / "cityscapes_example.png"
 
-from benchmarks.loadgen import run_clients  # noqa: E402
+from app.core.config import Settings  # noqa: E402
+from benchmarks.loadgen import post_load  # noqa: E402
 from tests.conftest import Server  # noqa: E402
 
 
-def engine_only(path: Path, uint8: bool, batch: int, n: int = 30) -> dict:
+def engine_only(path: Path, batch: int, cuda_options: dict, n: int = 30) -> dict:
     import onnxruntime as ort
 
     ort.preload_dlls()
-    sess = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), providers=[("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"])
     assert sess.get_providers()[0] == "CUDAExecutionProvider", sess.get_providers()
     name = sess.get_inputs()[0].name
     rng = np.random.default_rng(0)
-    x = (rng.integers(0, 255, (batch, 1024, 2048, 3), np.uint8) if uint8
+    x = (rng.integers(0, 255, (batch, 1024, 2048, 3), np.uint8) if sess.get_inputs()[0].type == "tensor(uint8)"
          else rng.standard_normal((batch, 3, 1024, 2048), np.float32))
     for _ in range(5):
         sess.run(None, {name: x})
-    host = []
+    host, cpu = [], time.process_time()
     for _ in range(n):
         t = time.perf_counter()
         sess.run(None, {name: x})
         host.append((time.perf_counter() - t) * 1000)
+    cpu_ms = (time.process_time() - cpu) * 1000 / n  # near the wall time: the host thread spins while the GPU works
     # GPU-only: input already on the device, output left there.
     binding = sess.io_binding()
     binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
@@ -56,76 +65,111 @@ def engine_only(path: Path, uint8: bool, batch: int, n: int = 30) -> dict:
         sess.run_with_iobinding(binding)
         binding.synchronize_outputs()
         dev.append((time.perf_counter() - t) * 1000)
-    return {"host_p50": statistics.median(host), "gpu_p50": statistics.median(dev),
+    return {"host_p50": statistics.median(host), "gpu_p50": statistics.median(dev), "cpu_ms": cpu_ms,
             "host_img_s": batch * 1000 / statistics.median(host), "gpu_img_s": batch * 1000 / statistics.median(dev)}
 
 
-def load(url: str, data: bytes, clients: int, seconds: float) -> dict:
-    lat, lock, stop = [], threading.Lock(), time.time() + seconds
-    errors = []
+class Busy:
+    """How busy the CPUs (from /proc/stat) and the GPU (nvidia-smi, sampled) were between start and stop."""
 
-    def worker():
-        with httpx.Client(base_url=url, timeout=60) as http:
-            while time.time() < stop:
-                t = time.perf_counter()
-                r = http.post("/segment", files={"image": ("s.png", data, "image/png")})
-                ms = (time.perf_counter() - t) * 1000
-                with lock:
-                    if r.status_code == 200:
-                        lat.append(ms)
-                    else:
-                        errors.append(r.status_code)
+    def __enter__(self):
+        self.cpu0, self.gpu, self.done = self._cpu(), [], threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
 
-    wall = run_clients(worker, clients)
-    lat.sort()
-    if not lat:  # every request failed (e.g. the server died): say so instead of crashing
-        return {"img_s": 0.0, "p50": float("nan"), "p99": float("nan"), "n": 0, "errors": len(errors)}
-    return {"img_s": len(lat) / wall, "p50": lat[len(lat) // 2], "p99": lat[max(0, int(len(lat) * 0.99) - 1)],
-            "n": len(lat), "errors": len(errors)}
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        (busy1, total1), (busy0, total0) = self._cpu(), self.cpu0
+        self.cpu_pct = 100.0 * (busy1 - busy0) / max(1, total1 - total0)
+        self.gpu_pct = statistics.mean(self.gpu) if self.gpu else float("nan")
+
+    @staticmethod
+    def _cpu() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields) - idle, sum(fields)
+
+    def _sample(self):
+        while not self.done.wait(0.5):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout
+                self.gpu.append(float(out.split()[0]))
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                return
+
+
+def uploads(kinds: str) -> dict:
+    """The sample as uploaded: the PNG file itself, and the same photo as a quality-95 JPEG."""
+    png = IMAGE.read_bytes()
+    out = {"png": (png, "street.png", "image/png")}
+    jpeg = cv2.imencode(".jpg", cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR),
+                        [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    out["jpeg"] = (jpeg, "street.jpg", "image/jpeg")
+    return {k: out[k] for k in kinds.split(",")}
+
+
+def ensure_model(models: Path, kind: str) -> Path:
+    """``models/kind.onnx``; an ``_fp16`` kind is compiled from its fp32 source when missing."""
+    path = models / f"{kind}.onnx"
+    if not path.exists() and kind.endswith("_fp16"):
+        from app.compiler import BuildOptions, compile_model
+
+        compile_model(models / f"{kind[:-5]}.onnx", path, BuildOptions(precision="fp16"),
+                      progress=lambda line: print(f"   compile: {line}", flush=True))
+    return path
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=Path, required=True)
-    p.add_argument("--seconds", type=float, default=12)
-    p.add_argument("--clients", default="1,8,32")
-    p.add_argument("--kinds", default="float,uint8")
-    p.add_argument("--configs", default="1:1,8:1,1:8,8:4", help="server setups as BATCH_MAX:WORKERS")
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--clients", default="1,32")
+    p.add_argument("--kinds", default="uint8,uint8_fp16")
+    p.add_argument("--uploads", default="png,jpeg")
+    p.add_argument("--configs", default="1:8,4:8", help="server setups as BATCH_MAX:WORKERS")
+    p.add_argument("--load-processes", type=int, default=4, help="processes the load generator spreads over")
+    p.add_argument("--cuda-options", default=json.dumps(Settings().ort_cuda_options),
+                   help="CUDA provider options, JSON (SEGMENT_ORT_CUDA_OPTIONS; default: the service's)")
     p.add_argument("--no-engine", action="store_true", help="skip the engine-only loop")
     args = p.parse_args()
-    data = IMAGE.read_bytes()
+    samples = uploads(args.uploads)
+    print(f"{os.cpu_count()} CPUs; CUDA provider options {args.cuda_options}; uploads: " + ", ".join(f"{k} {len(v[0]) / 1e6:.2f} MB" for k, v in samples.items()),
+          flush=True)
     for kind in args.kinds.split(","):
-        path = args.models / f"{kind}.onnx"
+        path = ensure_model(args.models, kind)
         for batch in (() if args.no_engine else (1, 8)):
-            r = engine_only(path, kind == "uint8", batch)
-            print(f"engine {kind:5} batch {batch}: numpy in/labels out p50 {r['host_p50']:7.2f} ms "
-                  f"({r['host_img_s']:7.1f} img/s); GPU-only p50 {r['gpu_p50']:7.2f} ms ({r['gpu_img_s']:7.1f} img/s)",
-                  flush=True)
+            r = engine_only(path, batch, json.loads(args.cuda_options))
+            print(f"engine {kind:10} batch {batch}: numpy in/labels out p50 {r['host_p50']:7.2f} ms "
+                  f"({r['host_img_s']:6.1f} img/s, CPU {r['cpu_ms']:6.2f} ms a call); "
+                  f"GPU-only p50 {r['gpu_p50']:7.2f} ms ({r['gpu_img_s']:6.1f} img/s)", flush=True)
         for batching, workers in (tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")):
             env = {"SEGMENT_BATCH_MAX": str(batching), "SEGMENT_BATCH_WAIT_MS": "3", "SEGMENT_MAX_INFLIGHT": "256",
-                   "SEGMENT_LOG_LEVEL": "warning", "SEGMENT_WORKERS": str(workers)}
+                   "SEGMENT_LOG_LEVEL": "warning", "SEGMENT_WORKERS": str(workers),
+                   "SEGMENT_ORT_CUDA_OPTIONS": args.cuda_options}
             server = Server(args.models, model=kind, env=env)
             try:
                 info = httpx.get(f"{server.url}/models/active").json()
                 assert info["device"] == "cuda", info["device"]
-                for clients in (int(c) for c in args.clients.split(",")):
-                    r = load(server.url, data, clients, args.seconds)
-                    print(f"service {kind:5} {workers} proc batching {'on ' if batching > 1 else 'off'} {clients:3} clients: "
-                          f"{r['img_s']:7.1f} img/s  p50 {r['p50']:7.1f} ms  p99 {r['p99']:7.1f} ms  "
-                          f"({r['n']} ok, {r['errors']} errors)", flush=True)
-                stats = httpx.get(f"{server.url}/models/active").json()["batching"]  # one worker's
-                metrics = httpx.get(f"{server.url}/metrics").text
+                for upload, (data, filename, content_type) in samples.items():
+                    for clients in (int(c) for c in args.clients.split(",")):
+                        with Busy() as busy:
+                            r = post_load(server.url, data, filename, content_type, clients, args.seconds,
+                                          args.load_processes)
+                        print(f"service {kind:10} {upload:4} {workers:2} proc batching "
+                              f"{'on ' + str(batching) if batching > 1 else 'off  '} {clients:3} clients: "
+                              f"{r['img_s']:6.1f} img/s  p50 {r['p50']:7.1f} ms  p99 {r['p99']:7.1f} ms  "
+                              f"CPU {busy.cpu_pct:3.0f}%  GPU {busy.gpu_pct:3.0f}%  ({r['n']} ok, "
+                              f"{len(r['errors'])} errors{' ' + str(sorted(set(map(str, r['errors'])))) if r['errors'] else ''})"
+                              "\n   stage means ms: " + ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items()),
+                              flush=True)
+                stats = httpx.get(f"{server.url}/models/active").json()["batching"]
+                if stats:
+                    print(f"   batching (one worker): {stats}", flush=True)
             finally:
                 server.stop()
-            stages = {}
-            for line in metrics.splitlines():
-                if line.startswith("segment_stage_duration_ms_sum") or line.startswith("segment_stage_duration_ms_count"):
-                    key, value = line.rsplit(" ", 1)
-                    stage = key.split('stage="')[1].split('"')[0]
-                    stages.setdefault(stage, {})["sum" if "_sum" in key else "count"] = float(value)
-            print(f"   stage means ms: " + ", ".join(f"{k} {v['sum'] / v['count']:.1f}" for k, v in stages.items()
-                                                     if v.get("count")) + (f"; batching {stats}" if stats else ""),
-                  flush=True)
     return 0
 
 
