@@ -1,13 +1,13 @@
 """GPU serving through ONNX Runtime's CUDA provider, measured on one NVIDIA GPU (the lent H100).
 
-    python benchmarks/gpu_serving.py --models DIR [--kinds uint8,uint8_fp16] [--uploads png,jpeg]
+    python benchmarks/gpu_serving.py --models DIR [--kinds camvid,camvid_fp16] [--uploads png,jpeg]
                                      [--configs 1:8,4:8] [--clients 1,32] [--seconds 10] [--cuda-options JSON]
 
-DIR holds BiSeNetV2 ONNX files exported at 1024x2048, labels output, dynamic batch: `float.onnx` (float
-input), `uint8.onnx` (raw pixels). A kind ending in `_fp16` is built from the one before the suffix with
-`segment compile X.onnx X_fp16.onnx --fp16` when missing. For each kind: the engine-only loop at batch 1 and 8
-(NumPy in and labels out, with the CPU time one call costs; and GPU-only, inputs and outputs bound on the
-device), then the service on loopback for each BATCH_MAX:WORKERS setup, with 1..N clients uploading the real
+DIR holds BiSeNetV2 ONNX files exported at 1024x2048 with labels output and a dynamic batch, one per kind
+(`KIND.onnx` and its metadata; e.g. `segment export ... --input uint8 --out DIR/camvid.onnx`). A kind ending in
+`_fp16` is built from the one before the suffix with `segment compile X.onnx X_fp16.onnx --fp16` when
+missing. For each kind: the engine-only loop at batch 1 and 8 (NumPy in and labels out, with the CPU time
+one call costs; and GPU-only, inputs and outputs bound on the device), then the service on loopback for each BATCH_MAX:WORKERS setup, with 1..N clients uploading the real
 2048x1024 sample as PNG (the file itself) and as JPEG (the same photo at quality 95). Prints throughput,
 p50/p99, the server's stage means (from every response's Server-Timing), and how busy the CPUs and the GPU were.
 """
@@ -127,7 +127,7 @@ def main() -> int:
     p.add_argument("--models", type=Path, required=True)
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--clients", default="1,32")
-    p.add_argument("--kinds", default="uint8,uint8_fp16")
+    p.add_argument("--kinds", default="camvid,camvid_fp16")
     p.add_argument("--uploads", default="png,jpeg")
     p.add_argument("--configs", default="1:8,4:8", help="server setups as BATCH_MAX:WORKERS")
     p.add_argument("--load-processes", type=int, default=4, help="processes the load generator spreads over")
