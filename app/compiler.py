@@ -286,8 +286,9 @@ def compile_model(onnx_path: Path, out_path: Path, opts: BuildOptions,
     meta = load_meta(onnx_path)
     inp, shapes = shape_profile(onnx_path, meta, opts)
     size = shapes["opt"][1:]
-    progress(f"input {inp.name}: min {shapes['min']} opt {shapes['opt']} max {shapes['max']} (batch, height, width), "
-             f"{opts.precision} for {target}")
+    progress(f"input {inp.name}: " + (f"min {shapes['min']} opt {shapes['opt']} max {shapes['max']} (batch, height, "
+                                      "width)" if target == "tensorrt" else f"{size[0]}x{size[1]}")
+             + f", {opts.precision} for {target}")
     work = out_path.parent / f".{out_path.name}.build"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
