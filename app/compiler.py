@@ -296,8 +296,7 @@ def compile_model(onnx_path: Path, out_path: Path, opts: BuildOptions,
     try:
         start, source = time.perf_counter(), onnx_path
         if opts.precision == "fp16" and target == "onnxruntime":
-            source = work / "fp16.onnx"
-            float16_onnx(onnx_path, source)
+            source = float16_onnx(onnx_path, built)
         elif opts.precision == "int8":
             source = cached_qdq(onnx_path, out_path.parent / ".calibration-cache", size, Path(opts.calib_dir),
                                 opts.calib_images, target, progress)
@@ -306,7 +305,8 @@ def compile_model(onnx_path: Path, out_path: Path, opts: BuildOptions,
             build_loaders(source, built, inp, shapes, opts, out_path.parent / ".timing.cache")()
             backend = _tensorrt_build_info()
         else:
-            shutil.copyfile(source, built)
+            if source != built:  # the int8 model comes from the calibration cache
+                shutil.copyfile(source, built)
             import onnxruntime
 
             backend = {"onnxruntime_version": onnxruntime.__version__,
