@@ -136,7 +136,11 @@ def main() -> int:
     p.add_argument("--no-engine", action="store_true", help="skip the engine-only loop")
     args = p.parse_args()
     samples = uploads(args.uploads)
-    print(f"{os.cpu_count()} CPUs; CUDA provider options {args.cuda_options}; uploads: " + ", ".join(f"{k} {len(v[0]) / 1e6:.2f} MB" for k, v in samples.items()),
+    import onnxruntime
+    import PIL
+
+    print(f"onnxruntime {onnxruntime.__version__}, OpenCV {cv2.__version__}, Pillow {PIL.__version__}, "
+          f"NumPy {np.__version__}; {os.cpu_count()} CPUs; CUDA provider options {args.cuda_options}; uploads: " + ", ".join(f"{k} {len(v[0]) / 1e6:.2f} MB" for k, v in samples.items()),
           flush=True)
     for kind in args.kinds.split(","):
         path = ensure_model(args.models, kind)
