@@ -3,7 +3,10 @@
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 EPILOG = """examples (the seed's three commands work as written, on .onnx files too):
@@ -25,8 +28,18 @@ def cmd_serve(args) -> int:
     from .core.config import get_settings
 
     settings = get_settings()
-    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers or settings.workers, log_level=settings.log_level, timeout_graceful_shutdown=30)
+    workers, metrics_dir = args.workers or settings.workers, None
+    if workers > 1:
+        # The worker processes read both at start-up: their settings, and where Prometheus values are shared.
+        os.environ["SEGMENT_WORKERS"] = str(workers)
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="segment-metrics-")
+    try:
+        uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=workers,
+                    log_level=settings.log_level, timeout_graceful_shutdown=30)
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

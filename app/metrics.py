@@ -1,6 +1,13 @@
-"""Prometheus metrics, one registry per application instance (so tests can build many apps)."""
+"""Prometheus metrics, one registry per application instance (so tests can build many apps).
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+With several worker processes (`segment serve --workers N` sets ``PROMETHEUS_MULTIPROC_DIR``) every process
+writes its values to that folder and ``/metrics`` adds them up, whichever worker answers.
+"""
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 STAGE_BUCKETS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 
@@ -18,14 +25,27 @@ class Metrics:
                                ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("segment_batch_size", "Images per runner call with dynamic batching",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
-        self.model = Info("segment_active_model", "The model being served", registry=self.registry)
+        # A gauge rather than an Info, which multiprocess mode lacks: 1 for the model served, 0 for earlier ones.
+        self.model = Gauge("segment_active_model_info", "The model being served",
+                           ["name", "backend", "device", "output_kind"], multiprocess_mode="max", registry=self.registry)
+        self._model_labels: tuple | None = None
 
     def observe_stages(self, timings: dict[str, float]) -> None:
         for stage, ms in timings.items():
             self.stage.labels(stage).observe(ms)
 
     def set_model(self, description: dict | None) -> None:
-        if description is None:
-            self.model.info({"name": "", "backend": "", "device": ""})
-        else:
-            self.model.info({k: str(description[k]) for k in ("name", "backend", "device", "output_kind")})
+        if self._model_labels is not None:
+            self.model.labels(*self._model_labels).set(0)
+        self._model_labels = None
+        if description is not None:
+            self._model_labels = tuple(str(description[k]) for k in ("name", "backend", "device", "output_kind"))
+            self.model.labels(*self._model_labels).set(1)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text ``/metrics`` returns and its content type: every worker's values in multiprocess mode."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

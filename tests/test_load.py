@@ -134,3 +134,33 @@ def test_sigterm_lets_in_flight_requests_finish_and_restart_keeps_registry(repo)
         assert httpx.get(f"{again.url}/engines").json()["engines"] == before
     finally:
         again.stop()
+
+
+def test_several_workers_share_metrics_and_refuse_per_process_changes(engines, tmp_path):
+    """`SEGMENT_WORKERS=2`: /metrics adds up every worker's counts whichever worker answers, and changes that
+    would reach only one worker (switching models, queueing a build) are refused with 409, not half-done."""
+    rgb_model(engines / "rgb.onnx")
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    server = Server(engines, env={"SEGMENT_WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": str(shared)})
+    try:
+        photo, truth = quadrants(64, 64)
+        for _ in range(20):  # a new connection each time, so that both workers take some
+            r = httpx.post(f"{server.url}/segment", params={"view": "labels"}, timeout=30,
+                           files={"image": ("p.png", png_bytes(photo), "image/png")})
+            assert r.status_code == 200 and np.array_equal(decode_png(r.content), truth)
+        for _ in range(6):
+            text = httpx.get(f"{server.url}/metrics", timeout=10).text
+            assert 'segment_http_requests_total{method="POST",route="/segment",status="200"} 20.0' in text
+            assert 'segment_stage_duration_ms_count{stage="inference"} 20.0' in text
+            assert 'segment_active_model_info{backend="onnxruntime"' in text
+        assert len({p.stem.rsplit("_", 1)[-1] for p in shared.glob("counter_*.db")}) == 2  # both recorded
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        r = httpx.post(f"{server.url}/engines/rgb/activate", headers=auth, timeout=10)
+        assert r.status_code == 409 and "2 worker processes" in r.json()["detail"]
+        r = httpx.post(f"{server.url}/engines", headers=auth, timeout=10,
+                       data={"name": "rgb16", "source": "rgb", "target": "onnxruntime", "precision": "fp16"})
+        assert r.status_code == 409 and "segment compile" in r.json()["detail"]
+        assert not (engines / "rgb16.onnx").exists()
+    finally:
+        assert server.stop()

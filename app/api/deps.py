@@ -36,6 +36,15 @@ def require_admin(state: Annotated[ServiceState, Depends(get_state)],
         raise HTTPException(401, detail="missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"})
 
 
+def one_process(state: ServiceState, what: str) -> None:
+    """409 where ``what`` would change state that lives in one worker process (the served model, the build
+    queue) while several workers serve: the others would not see it."""
+    if (n := state.settings.workers) > 1:
+        raise HTTPException(409, detail=f"{what} is not available with {n} worker processes, each with its own "
+                                        "model and build queue: build with `segment compile`, switch models by "
+                                        "restarting with SEGMENT_MODEL=NAME, or run a single-worker server")
+
+
 StateDep = Annotated[ServiceState, Depends(get_state)]
 ModelDep = Annotated[SegmentationModel, Depends(get_model)]
 AdminDep = Depends(require_admin)

@@ -13,7 +13,7 @@ from ...compiler import ONNXRUNTIME_BUILDS, parse_shape
 from ...metadata import MetadataError, ModelMeta
 from ...registry import Conflict, NotFound, check_name
 from ...runner import IncompatibleEngine, ModelError, TensorRTUnavailable, tensorrt_available
-from ..deps import AdminDep, StateDep
+from ..deps import AdminDep, StateDep, one_process
 from .segment import read_upload
 
 router = APIRouter(prefix="/engines", tags=["engines"])
@@ -73,6 +73,7 @@ def get_engine(name: str, state: StateDep) -> dict:
 @router.post("/{name}/activate", dependencies=[AdminDep])
 async def activate(name: str, state: StateDep) -> dict:
     """Serve `name` from now on. Requests in flight finish on the previous model; new ones use this one."""
+    one_process(state, "switching models")
     try:
         model = await run_in_threadpool(state.load, name)
     except (ModelError, MetadataError) as exc:
@@ -138,6 +139,8 @@ async def create(
     except (ValueError, ValidationError) as exc:
         raise HTTPException(422, detail=f"invalid metadata: {exc}") from None
     build = not (target == "onnxruntime" and precision == "fp32")
+    if build:
+        one_process(state, "building")
 
     registry = state.registry
     if onnx is not None:

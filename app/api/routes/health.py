@@ -2,7 +2,6 @@
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..deps import ModelDep, StateDep
 
@@ -26,7 +25,8 @@ def readyz(state: StateDep):
 @router.get("/metrics", response_class=Response)
 def metrics(state: StateDep):
     """Prometheus metrics: requests by route and status, stage latencies, the active model."""
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    body, content_type = state.metrics.exposition()
+    return Response(body, media_type=content_type)
 
 
 @router.get("/models/active", responses={503: {"description": "No model loaded"}})
