@@ -15,6 +15,7 @@ p50/p99, the server's stage means (from every response's Server-Timing), and how
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -74,6 +75,7 @@ class Busy:
 
     def __enter__(self):
         self.cpu0, self.gpu, self.done = self._cpu(), [], threading.Event()
+        self.t0, self.children0 = time.perf_counter(), self._children()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         return self
@@ -83,7 +85,14 @@ class Busy:
         self.thread.join()
         (busy1, total1), (busy0, total0) = self._cpu(), self.cpu0
         self.cpu_pct = 100.0 * (busy1 - busy0) / max(1, total1 - total0)
+        # The load generator's processes have ended and been joined by now; the server's are still running.
+        self.loadgen_cores = (self._children() - self.children0) / (time.perf_counter() - self.t0)
         self.gpu_pct = statistics.mean(self.gpu) if self.gpu else float("nan")
+
+    @staticmethod
+    def _children() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
 
     @staticmethod
     def _cpu() -> tuple[int, int]:
@@ -165,7 +174,8 @@ def main() -> int:
                         print(f"service {kind:10} {upload:4} {workers:2} proc batching "
                               f"{'on ' + str(batching) if batching > 1 else 'off  '} {clients:3} clients: "
                               f"{r['img_s']:6.1f} img/s  p50 {r['p50']:7.1f} ms  p99 {r['p99']:7.1f} ms  "
-                              f"CPU {busy.cpu_pct:3.0f}%  GPU {busy.gpu_pct:3.0f}%  ({r['n']} ok, "
+                              f"CPU {busy.cpu_pct:3.0f}% (load generator {busy.loadgen_cores:.1f} cores)  "
+                              f"GPU {busy.gpu_pct:3.0f}%  ({r['n']} ok, "
                               f"{len(r['errors'])} errors{' ' + str(sorted(set(map(str, r['errors'])))) if r['errors'] else ''})"
                               "\n   stage means ms: " + ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items()),
                               flush=True)
