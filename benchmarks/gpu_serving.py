@@ -140,6 +140,7 @@ def main() -> int:
     p.add_argument("--uploads", default="png,jpeg")
     p.add_argument("--configs", default="1:8,4:8", help="server setups as BATCH_MAX:WORKERS")
     p.add_argument("--load-processes", type=int, default=4, help="processes the load generator spreads over")
+    p.add_argument("--connections", default="keep-alive", help="keep-alive, close (a new one per request), or both")
     p.add_argument("--cuda-options", default=json.dumps(Settings().ort_cuda_options),
                    help="CUDA provider options, JSON (SEGMENT_ORT_CUDA_OPTIONS; default: the service's)")
     p.add_argument("--no-engine", action="store_true", help="skip the engine-only loop")
@@ -167,12 +168,14 @@ def main() -> int:
                 info = httpx.get(f"{server.url}/models/active").json()
                 assert info["device"] == "cuda", info["device"]
                 for upload, (data, filename, content_type) in samples.items():
-                    for clients in (int(c) for c in args.clients.split(",")):
+                    for clients, connection in ((int(c), k) for c in args.clients.split(",")
+                                                for k in args.connections.split(",")):
                         with Busy() as busy:
                             r = post_load(server.url, data, filename, content_type, clients, args.seconds,
-                                          args.load_processes)
+                                          args.load_processes, keep_alive=connection == "keep-alive")
                         print(f"service {kind:10} {upload:4} {workers:2} proc batching "
-                              f"{'on ' + str(batching) if batching > 1 else 'off  '} {clients:3} clients: "
+                              f"{'on ' + str(batching) if batching > 1 else 'off  '} {clients:3} clients "
+                              f"({connection}): "
                               f"{r['img_s']:6.1f} img/s  p50 {r['p50']:7.1f} ms  p99 {r['p99']:7.1f} ms  "
                               f"CPU {busy.cpu_pct:3.0f}% (load generator {busy.loadgen_cores:.1f} cores)  "
                               f"GPU {busy.gpu_pct:3.0f}%  ({r['n']} ok, "

@@ -21,9 +21,11 @@ def run_clients(worker: Callable[[], None], clients: int) -> float:
     return time.perf_counter() - start
 
 
-def _client_process(url: str, body: bytes, headers: dict, threads: int, start_at: float, stop_at: float, out) -> None:
-    """``threads`` keep-alive connections posting ``body`` from ``start_at`` until ``stop_at``; (latencies, errors,
-    summed server stage times) of the requests finished in that window go to ``out``."""
+def _client_process(url: str, body: bytes, headers: dict, threads: int, start_at: float, stop_at: float,
+                    keep_alive: bool, out) -> None:
+    """``threads`` clients posting ``body`` from ``start_at`` until ``stop_at``, over one kept-alive connection
+    each or a new one per request; (latencies, errors, summed server stage times) of the requests finished in
+    that window go to ``out``."""
     host, port = urlsplit(url).hostname, urlsplit(url).port
     lock, latencies, errors, stages = threading.Lock(), [], [], {}
 
@@ -37,6 +39,8 @@ def _client_process(url: str, body: bytes, headers: dict, threads: int, start_at
                 response = conn.getresponse()
                 response.read()
                 status, timing = response.status, response.getheader("Server-Timing", "")
+                if not keep_alive:
+                    conn.close()  # the next request connects again (http.client reopens by itself)
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 conn = http.client.HTTPConnection(host, port, timeout=120)
@@ -58,10 +62,11 @@ def _client_process(url: str, body: bytes, headers: dict, threads: int, start_at
 
 
 def post_load(url: str, data: bytes, filename: str, content_type: str, clients: int, seconds: float,
-              processes: int = 4) -> dict:
+              processes: int = 4, keep_alive: bool = True) -> dict:
     """``clients`` concurrent clients uploading ``data`` to ``url``/segment for ``seconds``, spread over
     ``processes`` so that the load generator's own Python does not set the pace. The multipart body is built once
-    (by httpx) and re-sent over keep-alive connections. Returns images/s, p50/p99 ms, count, error codes and the
+    (by httpx) and re-sent, over kept-alive connections or (``keep_alive=False``) a new connection per request,
+    which lets a multi-worker server hand each request to whichever worker accepts first. Returns images/s, p50/p99 ms, count, error codes and the
     mean of each server stage (from the responses' Server-Timing headers, so every worker process counts)."""
     request = httpx.Request("POST", f"{url}/segment", files={"image": (filename, data, content_type)})
     body, headers = request.read(), {k: v for k, v in request.headers.items() if k.lower() != "host"}
@@ -71,7 +76,7 @@ def post_load(url: str, data: bytes, filename: str, content_type: str, clients: 
     start_at = time.time() + 1.0 + 0.2 * processes  # after every process has started
     stop_at = start_at + seconds
     procs = [ctx.Process(target=_client_process, args=(url, body, headers, clients // processes
-                                                       + (i < clients % processes), start_at, stop_at, out))
+                                                       + (i < clients % processes), start_at, stop_at, keep_alive, out))
              for i in range(processes)]
     for p in procs:
         p.start()
