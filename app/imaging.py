@@ -55,12 +55,11 @@ def _undecodable(data: bytes, fmt: str) -> ImageError:
     return ImageError(415, f"unsupported image: {fmt.upper()} with {mode} pixels; send JPEG, PNG, BMP, WebP or TIFF")
 
 
-def decode(data: bytes, max_pixels: int, min_side: int = 1) -> np.ndarray:
-    """Decode an upload to a BGR uint8 image, honouring EXIF orientation; :class:`ImageError` if unusable.
+def check_header(data: bytes, max_pixels: int, min_side: int = 1) -> tuple[int, int, str]:
+    """(width, height, format) of an upload whose header is within the limits; :class:`ImageError` if not.
 
-    The size is checked from the header first, so a small file declaring a huge image (a decompression
-    bomb) is refused before any pixel is decoded.
-    """
+    Checked before any pixel is decoded, so a small file declaring a huge image (a decompression bomb) is
+    refused cheaply."""
     if not data:
         raise ImageError(400, "the uploaded file is empty")
     width, height, fmt = probe(data)
@@ -68,6 +67,12 @@ def decode(data: bytes, max_pixels: int, min_side: int = 1) -> np.ndarray:
         raise ImageError(413, f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
     if min(width, height) < min_side:
         raise ImageError(400, f"image is {width}x{height}; both sides must be at least {min_side} pixels")
+    return width, height, fmt
+
+
+def decode(data: bytes, max_pixels: int, min_side: int = 1) -> np.ndarray:
+    """Decode an upload to a BGR uint8 image, honouring EXIF orientation; :class:`ImageError` if unusable."""
+    _, _, fmt = check_header(data, max_pixels, min_side)
     # IMREAD_COLOR: grey becomes 3 channels, alpha is dropped, 16-bit is scaled to 8, EXIF rotation applied,
     # the first frame of an animation is taken.
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .imaging import colorize, decode, encode_indexed_png, encode_png, overlay
+from . import gpu_decode as gpu
+from .imaging import check_header, colorize, decode, encode_indexed_png, encode_png, overlay
 from .runner import SegmentationModel
 
 VIEWS = ("mask", "overlay", "labels")
@@ -50,9 +51,10 @@ def restore_size(labels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 @dataclass
 class Segmentation:
-    """One request's result: the photo, its labels, and milliseconds spent per stage."""
+    """One request's result: the photo (None when it was decoded on the GPU), its labels, and milliseconds
+    spent per stage."""
 
-    image: np.ndarray
+    image: np.ndarray | None
     labels: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -71,9 +73,22 @@ class Stopwatch:
 
 
 def segment_bytes(model: SegmentationModel, data: bytes, max_pixels: int, max_side: int,
-                  min_side: int = 1) -> Segmentation:
-    """Decode and segment one upload; raises ``ImageError`` for unusable input."""
+                  min_side: int = 1, gpu_decode: bool = False) -> Segmentation:
+    """Decode and segment one upload; raises ``ImageError`` for unusable input.
+
+    With ``gpu_decode``, a JPEG at the model's own size goes straight from nvImageCodec into a model that
+    :attr:`~SegmentationModel.decodes_on_gpu`; the result then has no photo. Anything else, or a JPEG that
+    nvImageCodec declines, is decoded on the CPU."""
     watch = Stopwatch()
+    if gpu_decode and model.decodes_on_gpu:
+        width, height, fmt = check_header(data, max_pixels, min_side)
+        if fmt == "jpeg" and (height, width) == model.input_hw:
+            image = gpu.decode(data)
+            if image is not None and tuple(image.shape) == (height, width, 3):  # EXIF rotation may swap sides
+                watch.lap("decode")
+                labels = model.infer_on_gpu(image)[0]
+                watch.lap("inference")
+                return Segmentation(image=None, labels=labels, timings=watch.timings)
     image = decode(data, max_pixels, min_side)
     watch.lap("decode")
     seg = segment_image(model, image, max_side)

@@ -323,6 +323,28 @@ class SegmentationModel:
                 out = out.reshape(out.shape[0], out.shape[-2], out.shape[-1]).copy()
         return out.astype(np.uint8 if self.num_classes <= 256 else np.int32, copy=False)
 
+    @cached_property
+    def decodes_on_gpu(self) -> bool:
+        """Whether JPEGs can go straight from nvImageCodec to this model: raw pixels in, labels out, fixed size,
+        ONNX Runtime on CUDA."""
+        from . import gpu_decode
+
+        return (self.backend == "onnxruntime" and self.device == "cuda" and self.uint8_input
+                and self.output_kind == "labels" and not self.dynamic_hw and gpu_decode.available())
+
+    def infer_on_gpu(self, image) -> np.ndarray:
+        """Labels [1,H,W] for one RGB uint8 [H,W,3] image already in GPU memory (bound, not copied)."""
+        sess = self.runner.sess
+        binding = sess.io_binding()
+        binding.bind_input(self.input_name, "cuda", 0, np.uint8, [1, *image.shape],
+                           image.__cuda_array_interface__["data"][0])
+        binding.bind_output(sess.get_outputs()[0].name, "cpu")
+        with self._lock:
+            binding.synchronize_inputs()  # the decoder's stream has finished writing the image
+            sess.run_with_iobinding(binding)
+            out = binding.copy_outputs_to_cpu()[0]
+        return out.reshape(1, *out.shape[-2:]).astype(np.uint8 if self.num_classes <= 256 else np.int32, copy=False)
+
     def describe(self) -> dict:
         """JSON-ready summary for /models/active and reports."""
         h, w = self.input_hw

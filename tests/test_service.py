@@ -279,3 +279,58 @@ def test_cuda_provider_gets_the_options_and_falls_back_to_its_defaults(engines, 
     asked.clear()
     load_model(rgb_model(engines / "rgb.onnx"), ort=OrtOptions(cuda_options={"prefer_nhwc": 1})).close()
     assert asked == [[("CUDAExecutionProvider", {"prefer_nhwc": "1"}), "CPUExecutionProvider"]]
+
+
+def test_jpeg_at_the_model_size_takes_the_gpu_decode_path_and_everything_else_the_cpu(engines, monkeypatch):
+    """Which uploads go from nvImageCodec straight into the model, and that the rest falls back to the CPU.
+
+    No GPU here: the model is told it can take GPU images, nvImageCodec's decode is stood in for by OpenCV
+    (RGB, as nvImageCodec returns), and the model's GPU inference by its CPU inference on that image."""
+    import cv2
+
+    from app import gpu_decode
+    from app.pipeline import preprocess
+
+    rgb_model(engines / "rgb.onnx", height=64, width=64)
+    decoded, decline = [], []
+
+    def fake_decode(data):
+        decoded.append(len(data))
+        if decline:
+            return None
+        return cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_RGB2BGR)
+
+    monkeypatch.setattr(gpu_decode, "decode", fake_decode)
+    photo, truth = quadrants(64, 64)
+    jpeg = cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    with make_client(engines, "rgb") as c:
+        model = c.app.state.service.model
+        model.__dict__["decodes_on_gpu"] = True
+        monkeypatch.setattr(model, "infer_on_gpu", lambda rgb: model.infer(preprocess(rgb[..., ::-1], model, (64, 64))),
+                            raising=False)
+
+        def segment(data, name, **params):
+            r = c.post("/segment", params={"view": "labels", **params}, files={"image": (name, data, "image/jpeg")})
+            assert r.status_code == 200, r.text
+            return r
+
+        r = segment(jpeg, "p.jpg")  # a JPEG at the model's size: decoded "on the GPU", no pre-processing stage
+        assert decoded == [len(jpeg)] and np.array_equal(decode_png(r.content), truth)
+        assert "preprocess" not in r.headers["Server-Timing"] and "decode" in r.headers["Server-Timing"]
+        for data, name, params in ((png_bytes(photo), "p.png", {}),  # PNG: no GPU decoder for it
+                                   (cv2.imencode(".jpg", cv2.resize(photo, (96, 64)))[1].tobytes(), "w.jpg", {}),
+                                   (jpeg, "p.jpg", {"view": "overlay"})):  # the overlay needs the photo on the host
+            decoded.clear()
+            r = segment(data, name, **params)
+            assert decoded == [] and "preprocess" in r.headers["Server-Timing"]
+        decline.append(True)  # nvImageCodec says no: decoded on the CPU instead, same answer
+        decoded.clear()
+        r = segment(jpeg, "p.jpg")
+        assert decoded == [len(jpeg)] and "preprocess" in r.headers["Server-Timing"]
+        assert np.array_equal(decode_png(r.content), truth)
+        decline.clear()
+    with make_client(engines, "rgb", gpu_decode=False) as c:
+        c.app.state.service.model.__dict__["decodes_on_gpu"] = True
+        decoded.clear()
+        assert c.post("/segment", files={"image": ("p.jpg", jpeg, "image/jpeg")}).status_code == 200
+        assert decoded == []

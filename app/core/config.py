@@ -30,6 +30,8 @@ class Settings(BaseSettings):
                     "NHWC convolutions with fused bias, ran BiSeNetV2 fp16 1.9x faster on an H100.")
     cuda_blocking_sync: bool = Field(
         False, description="CUDA waits sleep instead of spinning a CPU core (frees CPU when many workers share a GPU).")
+    gpu_decode: bool = Field(
+        True, description="JPEG uploads decoded on the GPU (nvImageCodec) for raw-pixel models on CUDA at their size.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin routes.")
     allow_unauthenticated_admin: bool = Field(
         False, description="Local development only: admin routes without a token when none is set.")

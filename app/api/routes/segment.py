@@ -36,8 +36,10 @@ async def read_upload(upload: UploadFile, limit: int) -> bytes:
 
 
 async def segment_upload(request: Request, state: ServiceState, model: SegmentationModel,
-                         image: UploadFile) -> Segmentation:
-    """Admission, reading with limits, and the pipeline, off the event loop; HTTP errors for bad input."""
+                         image: UploadFile, photo: bool = False) -> Segmentation:
+    """Admission, reading with limits, and the pipeline, off the event loop; HTTP errors for bad input.
+
+    ``photo``: the response shows the photo (the overlay), so it must be decoded on the host."""
     s = state.settings
     if len((await request.form()).getlist("image")) != 1:
         raise HTTPException(400, detail="send exactly one file in the `image` field")
@@ -47,7 +49,8 @@ async def segment_upload(request: Request, state: ServiceState, model: Segmentat
         data = await read_upload(image, s.max_upload_bytes)
         try:
             # Decode, inference and encode release the GIL in OpenCV / ONNX Runtime: run them off the event loop.
-            return await run_in_threadpool(segment_bytes, model, data, s.max_pixels, s.max_dynamic_side, s.min_side)
+            return await run_in_threadpool(segment_bytes, model, data, s.max_pixels, s.max_dynamic_side, s.min_side,
+                                           s.gpu_decode and not photo)
         except ImageError as exc:
             raise HTTPException(exc.status_code, detail=exc.detail) from None
 
@@ -72,7 +75,7 @@ async def segment(
     alpha: Annotated[float, Query(ge=0.0, le=1.0, description="Mask weight in the overlay view")] = 0.5,
 ):
     """Segment one photo. Example: `curl -F image=@street.jpg http://localhost:8000/segment -o mask.png`."""
-    seg = await segment_upload(request, state, model, image)
+    seg = await segment_upload(request, state, model, image, photo=view == "overlay")
     png = await encode(seg, model, view, alpha, state)
     state.metrics.observe_stages(seg.timings)
     headers = {
