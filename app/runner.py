@@ -329,8 +329,11 @@ class SegmentationModel:
         ONNX Runtime on CUDA."""
         from . import gpu_decode
 
-        return (self.backend == "onnxruntime" and self.device == "cuda" and self.uint8_input
-                and self.output_kind == "labels" and not self.dynamic_hw and gpu_decode.available())
+        if not (self.backend == "onnxruntime" and self.device == "cuda" and self.uint8_input
+                and self.output_kind == "labels" and not self.dynamic_hw and gpu_decode.available()):
+            return False
+        gpu_decode.warm()
+        return True
 
     def infer_on_gpu(self, image) -> np.ndarray:
         """Labels [1,H,W] for one RGB uint8 [H,W,3] image already in GPU memory (bound, not copied)."""
@@ -389,6 +392,8 @@ def load_model(path: Path, backend: str = "auto", ort: OrtOptions = OrtOptions()
     log.info("loaded %s (%s on %s): input %s %s, %s output, %d classes%s", model.name, backend_name,
              model.device, model.input_hw, model.input_dtype, model.output_kind, model.num_classes,
              "" if meta.trained else " [UNTRAINED WEIGHTS]")
+    if model.decodes_on_gpu:  # (creates the decoders now rather than on the first requests)
+        log.info("%s: JPEG uploads of %dx%d are decoded on the GPU (nvImageCodec)", model.name, *model.input_hw[::-1])
     if meta.extra.get("precision") == "fp16" and model.device != "cuda":
         # Correct on CPU, but ONNX Runtime's CPU kernels gain nothing from fp16 (15% slower than fp32 measured).
         log.warning("%s is an fp16 build for ONNX Runtime's CUDA provider; on a CPU its fp32 source is faster",
