@@ -14,6 +14,7 @@ DECODERS_PER_PROCESS = 2
 _pool: queue.Queue = queue.Queue()
 _filled = threading.Lock()
 _created = 0
+_warmed: set = set()
 
 
 def available() -> bool:
@@ -25,21 +26,35 @@ def available() -> bool:
     return True
 
 
-def warm() -> None:
-    """Create this process's decoders now, at model load, rather than on the first requests."""
+def warm(height: int, width: int) -> None:
+    """Create this process's decoders and run each once on a blank JPEG of the model's size, at model load:
+    their first decode allocates GPU memory and took seconds under load."""
     global _created
+    import cv2
+    import numpy as np
     from nvidia import nvimgcodec
 
     with _filled:
         while _created < DECODERS_PER_PROCESS:
             _pool.put(nvimgcodec.Decoder())
             _created += 1
+        if (height, width) in _warmed:
+            return
+        blank = cv2.imencode(".jpg", np.zeros((height, width, 3), np.uint8))[1].tobytes()
+        decoders = [_pool.get() for _ in range(_created)]
+        try:
+            for decoder in decoders:
+                decoder.decode(blank)
+        finally:
+            for decoder in decoders:
+                _pool.put(decoder)
+        _warmed.add((height, width))
 
 
 def decode(data: bytes):
     """The JPEG as an RGB uint8 [H,W,3] image in GPU memory (``__cuda_array_interface__``), EXIF orientation
-    applied; None when nvImageCodec cannot decode it (the caller then decodes on the CPU)."""
-    warm()
+    applied; None when nvImageCodec cannot decode it (the caller then decodes on the CPU). Call :func:`warm`
+    first."""
     decoder = _pool.get()
     try:
         return decoder.decode(data)

@@ -332,7 +332,7 @@ class SegmentationModel:
         if not (self.backend == "onnxruntime" and self.device == "cuda" and self.uint8_input
                 and self.output_kind == "labels" and not self.dynamic_hw and gpu_decode.available()):
             return False
-        gpu_decode.warm()
+        gpu_decode.warm(*self.input_hw)
         return True
 
     def infer_on_gpu(self, image) -> np.ndarray:

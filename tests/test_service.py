@@ -303,7 +303,7 @@ def test_jpeg_at_the_model_size_takes_the_gpu_decode_path_and_everything_else_th
     monkeypatch.setattr(gpu_decode, "decode", fake_decode)
     photo, truth = quadrants(64, 64)
     jpeg = cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
-    with make_client(engines, "rgb") as c:
+    with make_client(engines, "rgb", gpu_decode=True) as c:
         model = c.app.state.service.model
         model.__dict__["decodes_on_gpu"] = True
         monkeypatch.setattr(model, "infer_on_gpu", lambda rgb: model.infer(preprocess(rgb[..., ::-1], model, (64, 64))),
@@ -329,7 +329,7 @@ def test_jpeg_at_the_model_size_takes_the_gpu_decode_path_and_everything_else_th
         assert decoded == [len(jpeg)] and "preprocess" in r.headers["Server-Timing"]
         assert np.array_equal(decode_png(r.content), truth)
         decline.clear()
-    with make_client(engines, "rgb", gpu_decode=False) as c:
+    with make_client(engines, "rgb") as c:  # off unless asked for (SEGMENT_GPU_DECODE)
         c.app.state.service.model.__dict__["decodes_on_gpu"] = True
         decoded.clear()
         assert c.post("/segment", files={"image": ("p.jpg", jpeg, "image/jpeg")}).status_code == 200

@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     cuda_blocking_sync: bool = Field(
         False, description="CUDA waits sleep instead of spinning a CPU core (frees CPU when many workers share a GPU).")
     gpu_decode: bool = Field(
-        True, description="JPEG uploads decoded on the GPU (nvImageCodec) for raw-pixel models on CUDA at their size.")
+        False, description="JPEG uploads decoded on the GPU (nvImageCodec) for raw-pixel models on CUDA at their "
+                           "size. Run NVIDIA MPS with several workers: without it, decodes stalled for seconds.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin routes.")
     allow_unauthenticated_admin: bool = Field(
         False, description="Local development only: admin routes without a token when none is set.")
