@@ -66,20 +66,24 @@ class OrtOptions:
                    settings.cuda_blocking_sync)
 
 
-def cuda_blocking_sync() -> bool:
-    """Make this process's waits for the GPU sleep rather than spin (``cudaDeviceScheduleBlockingSync``).
-
-    ONNX Runtime has no option for it, so it is set on the CUDA runtime that onnxruntime-gpu loaded; it takes
-    effect only before the process's first CUDA context, i.e. before its first session."""
+def cuda_runtime():
+    """The CUDA runtime library that onnxruntime-gpu loaded (ctypes), or None: for the two calls ONNX Runtime
+    has no option for."""
     import ctypes
 
     for name in ("libcudart.so.13", "libcudart.so.12", "cudart64_13.dll", "cudart64_12.dll"):
         try:
-            runtime = ctypes.CDLL(name)
+            return ctypes.CDLL(name)
         except OSError:
             continue
-        return runtime.cudaSetDeviceFlags(0x04) == 0
-    return False
+    return None
+
+
+def cuda_blocking_sync() -> bool:
+    """Make this process's waits for the GPU sleep rather than spin (``cudaDeviceScheduleBlockingSync``); it
+    takes effect only before the process's first CUDA context, i.e. before its first session."""
+    runtime = cuda_runtime()
+    return runtime is not None and runtime.cudaSetDeviceFlags(0x04) == 0
 
 
 class OrtSessionLoader:
@@ -343,7 +347,8 @@ class SegmentationModel:
                            image.__cuda_array_interface__["data"][0])
         binding.bind_output(sess.get_outputs()[0].name, "cpu")
         with self._lock:
-            binding.synchronize_inputs()  # the decoder's stream has finished writing the image
+            # The decoder wrote the image on CUDA's default stream, ONNX Runtime reads on its own: wait for it.
+            cuda_runtime().cudaStreamSynchronize(None)
             sess.run_with_iobinding(binding)
             out = binding.copy_outputs_to_cpu()[0]
         return out.reshape(1, *out.shape[-2:]).astype(np.uint8 if self.num_classes <= 256 else np.int32, copy=False)
