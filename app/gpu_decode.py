@@ -26,22 +26,29 @@ def available() -> bool:
     return True
 
 
+def _ensure_decoders() -> None:
+    global _created
+    if _created < DECODERS_PER_PROCESS:
+        from nvidia import nvimgcodec
+
+        with _filled:
+            while _created < DECODERS_PER_PROCESS:
+                _pool.put(nvimgcodec.Decoder())
+                _created += 1
+
+
 def warm(height: int, width: int) -> None:
     """Create this process's decoders and run each once on a blank JPEG of the model's size, at model load:
     their first decode allocates GPU memory and took seconds under load."""
-    global _created
     import cv2
     import numpy as np
-    from nvidia import nvimgcodec
 
+    _ensure_decoders()
     with _filled:
-        while _created < DECODERS_PER_PROCESS:
-            _pool.put(nvimgcodec.Decoder())
-            _created += 1
         if (height, width) in _warmed:
             return
         blank = cv2.imencode(".jpg", np.zeros((height, width, 3), np.uint8))[1].tobytes()
-        decoders = [_pool.get() for _ in range(_created)]
+        decoders = [_pool.get() for _ in range(DECODERS_PER_PROCESS)]
         try:
             for decoder in decoders:
                 decoder.decode(blank)
@@ -53,8 +60,8 @@ def warm(height: int, width: int) -> None:
 
 def decode(data: bytes):
     """The JPEG as an RGB uint8 [H,W,3] image in GPU memory (``__cuda_array_interface__``), EXIF orientation
-    applied; None when nvImageCodec cannot decode it (the caller then decodes on the CPU). Call :func:`warm`
-    first."""
+    applied; None when nvImageCodec cannot decode it (the caller then decodes on the CPU)."""
+    _ensure_decoders()
     decoder = _pool.get()
     try:
         return decoder.decode(data)

@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 import threading
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,7 @@ class OrtOptions:
                    settings.cuda_blocking_sync)
 
 
+@cache
 def cuda_runtime():
     """The CUDA runtime library that onnxruntime-gpu loaded (ctypes), or None: for the two calls ONNX Runtime
     has no option for."""
@@ -325,7 +326,11 @@ class SegmentationModel:
                 out = out.argmax(axis=1)
             else:
                 out = out.reshape(out.shape[0], out.shape[-2], out.shape[-1]).copy()
-        return out.astype(np.uint8 if self.num_classes <= 256 else np.int32, copy=False)
+        return out.astype(self.label_dtype, copy=False)
+
+    @property
+    def label_dtype(self) -> type:
+        return np.uint8 if self.num_classes <= 256 else np.int32
 
     @cached_property
     def decodes_on_gpu(self) -> bool:
@@ -333,11 +338,8 @@ class SegmentationModel:
         ONNX Runtime on CUDA."""
         from . import gpu_decode
 
-        if not (self.backend == "onnxruntime" and self.device == "cuda" and self.uint8_input
-                and self.output_kind == "labels" and not self.dynamic_hw and gpu_decode.available()):
-            return False
-        gpu_decode.warm(*self.input_hw)
-        return True
+        return (self.backend == "onnxruntime" and self.device == "cuda" and self.uint8_input
+                and self.output_kind == "labels" and not self.dynamic_hw and gpu_decode.available())
 
     def infer_on_gpu(self, image) -> np.ndarray:
         """Labels [1,H,W] for one RGB uint8 [H,W,3] image already in GPU memory (bound, not copied)."""
@@ -351,7 +353,7 @@ class SegmentationModel:
             cuda_runtime().cudaStreamSynchronize(None)
             sess.run_with_iobinding(binding)
             out = binding.copy_outputs_to_cpu()[0]
-        return out.reshape(1, *out.shape[-2:]).astype(np.uint8 if self.num_classes <= 256 else np.int32, copy=False)
+        return out.reshape(1, *out.shape[-2:]).astype(self.label_dtype, copy=False)
 
     def describe(self) -> dict:
         """JSON-ready summary for /models/active and reports."""
@@ -397,8 +399,6 @@ def load_model(path: Path, backend: str = "auto", ort: OrtOptions = OrtOptions()
     log.info("loaded %s (%s on %s): input %s %s, %s output, %d classes%s", model.name, backend_name,
              model.device, model.input_hw, model.input_dtype, model.output_kind, model.num_classes,
              "" if meta.trained else " [UNTRAINED WEIGHTS]")
-    if model.decodes_on_gpu:  # (creates the decoders now rather than on the first requests)
-        log.info("%s: JPEG uploads of %dx%d are decoded on the GPU (nvImageCodec)", model.name, *model.input_hw[::-1])
     if meta.extra.get("precision") == "fp16" and model.device != "cuda":
         # Correct on CPU, but ONNX Runtime's CPU kernels gain nothing from fp16 (15% slower than fp32 measured).
         log.warning("%s is an fp16 build for ONNX Runtime's CUDA provider; on a CPU its fp32 source is faster",

@@ -4,6 +4,7 @@ import logging
 import threading
 from contextlib import contextmanager
 
+from . import gpu_decode
 from .core.config import Settings
 from .jobs import JobQueue
 from .metadata import MetadataError
@@ -33,6 +34,9 @@ class ServiceState:
         s = self.settings
         model = load_model(self.registry.path(name), backend=s.backend, ort=OrtOptions.from_settings(s))
         model.enable_batching(s.batch_max, s.batch_wait_ms, self.metrics.batch_size.observe)
+        if s.gpu_decode and model.decodes_on_gpu:
+            gpu_decode.warm(*model.input_hw)  # the decoders' first runs now, not on the first requests
+            log.info("%s: JPEG uploads of %dx%d are decoded on the GPU (nvImageCodec)", name, *model.input_hw[::-1])
         return model
 
     def activate(self, model: SegmentationModel) -> None:
