@@ -72,7 +72,11 @@ def check_header(data: bytes, max_pixels: int, min_side: int = 1) -> tuple[int, 
 
 def decode(data: bytes, max_pixels: int, min_side: int = 1) -> np.ndarray:
     """Decode an upload to a BGR uint8 image, honouring EXIF orientation; :class:`ImageError` if unusable."""
-    _, _, fmt = check_header(data, max_pixels, min_side)
+    return decode_pixels(data, check_header(data, max_pixels, min_side)[2])
+
+
+def decode_pixels(data: bytes, fmt: str) -> np.ndarray:
+    """:func:`decode` after its header check: ``fmt`` is the format :func:`check_header` found."""
     # IMREAD_COLOR: grey becomes 3 channels, alpha is dropped, 16-bit is scaled to 8, EXIF rotation applied,
     # the first frame of an animation is taken.
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 
 from . import gpu_decode as gpu
-from .imaging import check_header, colorize, decode, encode_indexed_png, encode_png, overlay
+from .imaging import check_header, colorize, decode_pixels, encode_indexed_png, encode_png, overlay
 from .runner import SegmentationModel
 
 VIEWS = ("mask", "overlay", "labels")
@@ -80,16 +80,15 @@ def segment_bytes(model: SegmentationModel, data: bytes, max_pixels: int, max_si
     :attr:`~SegmentationModel.decodes_on_gpu`; the result then has no photo. Anything else, or a JPEG that
     nvImageCodec declines, is decoded on the CPU."""
     watch = Stopwatch()
-    if gpu_decode and model.decodes_on_gpu:
-        width, height, fmt = check_header(data, max_pixels, min_side)
-        if fmt == "jpeg" and (height, width) == model.input_hw:
-            image = gpu.decode(data)
-            if image is not None and tuple(image.shape) == (height, width, 3):  # EXIF rotation may swap sides
-                watch.lap("decode")
-                labels = model.infer_on_gpu(image)[0]
-                watch.lap("inference")
-                return Segmentation(image=None, labels=labels, timings=watch.timings)
-    image = decode(data, max_pixels, min_side)
+    width, height, fmt = check_header(data, max_pixels, min_side)
+    if gpu_decode and fmt == "jpeg" and model.decodes_on_gpu and (height, width) == model.input_hw:
+        image = gpu.decode(data)
+        if image is not None and tuple(image.shape) == (height, width, 3):  # EXIF rotation may swap sides
+            watch.lap("decode")
+            labels = model.infer_on_gpu(image)[0]
+            watch.lap("inference")
+            return Segmentation(image=None, labels=labels, timings=watch.timings)
+    image = decode_pixels(data, fmt)
     watch.lap("decode")
     seg = segment_image(model, image, max_side)
     seg.timings = {**watch.timings, **seg.timings}
