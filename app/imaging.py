@@ -70,6 +70,12 @@ def check_header(data: bytes, max_pixels: int, min_side: int = 1) -> tuple[int, 
     return width, height, fmt
 
 
+def jpeg_complete(data: bytes) -> bool:
+    """Whether a JPEG ends with its end-of-image marker. OpenCV refuses a truncated JPEG; a decoder that would
+    hand back the part it read (grey below) is given only complete files."""
+    return data.endswith(b"\xff\xd9")
+
+
 def decode(data: bytes, max_pixels: int, min_side: int = 1) -> np.ndarray:
     """Decode an upload to a BGR uint8 image, honouring EXIF orientation; :class:`ImageError` if unusable."""
     return decode_pixels(data, check_header(data, max_pixels, min_side)[2])

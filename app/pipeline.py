@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 
 from . import gpu_decode as gpu
-from .imaging import check_header, colorize, decode_pixels, encode_indexed_png, encode_png, overlay
+from .imaging import check_header, colorize, decode_pixels, encode_indexed_png, encode_png, jpeg_complete, overlay
 from .runner import SegmentationModel
 
 VIEWS = ("mask", "overlay", "labels")
@@ -78,10 +78,12 @@ def segment_bytes(model: SegmentationModel, data: bytes, max_pixels: int, max_si
 
     With ``gpu_decode``, a JPEG at the model's own size goes straight from nvImageCodec into a model that
     :attr:`~SegmentationModel.decodes_on_gpu`; the result then has no photo. Anything else, or a JPEG that
-    nvImageCodec declines, is decoded on the CPU."""
+    nvImageCodec declines or that does not end as a JPEG must (cut short, or with bytes after it), is decoded on the
+    CPU, which explains damage."""
     watch = Stopwatch()
     width, height, fmt = check_header(data, max_pixels, min_side)
-    if gpu_decode and fmt == "jpeg" and model.decodes_on_gpu and (height, width) == model.input_hw:
+    if gpu_decode and fmt == "jpeg" and model.decodes_on_gpu and (height, width) == model.input_hw \
+            and jpeg_complete(data):
         image = gpu.decode(data)
         if image is not None and tuple(image.shape) == (height, width, 3):  # EXIF rotation may swap sides
             watch.lap("decode")

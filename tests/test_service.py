@@ -319,10 +319,14 @@ def test_jpeg_at_the_model_size_takes_the_gpu_decode_path_and_everything_else_th
         assert "preprocess" not in r.headers["Server-Timing"] and "decode" in r.headers["Server-Timing"]
         for data, name, params in ((png_bytes(photo), "p.png", {}),  # PNG: no GPU decoder for it
                                    (cv2.imencode(".jpg", cv2.resize(photo, (96, 64)))[1].tobytes(), "w.jpg", {}),
-                                   (jpeg, "p.jpg", {"view": "overlay"})):  # the overlay needs the photo on the host
+                                   (jpeg, "p.jpg", {"view": "overlay"}),  # the overlay needs the photo on the host
+                                   (jpeg + b"\0" * 16, "p.jpg", {})):  # bytes after the end: the CPU decodes it
             decoded.clear()
             r = segment(data, name, **params)
             assert decoded == [] and "preprocess" in r.headers["Server-Timing"]
+        for cut in (len(jpeg) - 2, len(jpeg) // 2):  # cut short: never given to the GPU decoder, 400 from the CPU's
+            r = c.post("/segment", files={"image": ("t.jpg", jpeg[:cut], "image/jpeg")})
+            assert decoded == [] and r.status_code == 400 and r.json()["detail"], r.text
         decline.append(True)  # nvImageCodec says no: decoded on the CPU instead, same answer
         decoded.clear()
         r = segment(jpeg, "p.jpg")
