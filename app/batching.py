@@ -78,9 +78,10 @@ class Batcher:
     def _run(self, group: list) -> None:
         x = np.concatenate([x for x, _ in group]) if len(group) > 1 else group[0][0]
         if self.fixed_batch and len(group) < self.max_batch:
-            # ONNX Runtime's CUDA provider spends 0.7-1.5 s whenever the input shape changes (measured on an H100,
-            # onnxruntime-gpu 1.31, even between shapes it has already run), so on CUDA every call has the one
-            # shape warmed at start-up: max_batch rows, the missing ones repeating the last image.
+            # ONNX Runtime's CUDA provider spends seconds whenever the input shape changes, even back to one it
+            # has run (H100, onnxruntime-gpu 1.31, cuDNN 9.14: 2.1-2.8 s with its defaults, 3.9-12 s with NHWC and
+            # fused bias, heuristic algorithm search included), so on CUDA every call has the one shape warmed at
+            # start-up: max_batch rows, the missing ones repeating the last image.
             x = np.concatenate([x, np.repeat(x[-1:], self.max_batch - len(group), axis=0)])
         start = time.perf_counter()
         try:

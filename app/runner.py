@@ -130,14 +130,30 @@ class OrtSessionLoader:
                 for p in providers])
 
         sess = session(self.options.cuda_options)
-        if self.options.cuda_options and "CUDAExecutionProvider" in providers and \
-                "CUDAExecutionProvider" not in sess.get_providers():
-            # ONNX Runtime falls back to the CPU when the CUDA provider fails with these options (e.g. no cuDNN
-            # engine for a fused convolution): the GPU with its defaults beats that fallback.
-            log.warning("%s: the CUDA provider failed with options %s; using its defaults", self.path.name,
-                        self.options.cuda_options)
-            sess = session({})
+        if self.options.cuda_options and "CUDAExecutionProvider" in providers:
+            _trial_run(sess)
+            if "CUDAExecutionProvider" not in sess.get_providers():
+                # ONNX Runtime moves the session to the CPU when the CUDA provider fails with these options, at
+                # creation or at the first run (e.g. no cuDNN engine for a fused or NHWC convolution, seen on an
+                # H100: 100x slower, still reported as CUDA until then): the GPU with its defaults beats that.
+                log.warning("%s: the CUDA provider failed with options %s; using its defaults", self.path.name,
+                            self.options.cuda_options)
+                sess = session({})
         return sess
+
+
+def _trial_run(sess) -> None:
+    """Run a single-input session once on zeros (dynamic dims: batch 1, 64 otherwise), so that a provider failure
+    that ONNX Runtime finds only when running happens now; other errors are left to the model's dry run."""
+    inputs = sess.get_inputs()
+    dtypes = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32, "tensor(float16)": np.float16}
+    if len(inputs) != 1 or inputs[0].type not in dtypes:
+        return
+    shape = [d if isinstance(d, int) else (1 if i == 0 else 64) for i, d in enumerate(inputs[0].shape)]
+    try:
+        sess.run(None, {inputs[0].name: np.zeros(shape, dtypes[inputs[0].type])})
+    except Exception as exc:  # not a provider failure (ONNX Runtime retries those on the CPU itself)
+        log.debug("%s", exc)
 
 
 def check_onnx_graph(path: Path) -> None:
