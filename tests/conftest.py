@@ -61,6 +61,27 @@ def rgb_model(path: Path, output: str = "labels", height: int | str = 64, width:
     return path
 
 
+def raw_rgb_model(path: Path, height: int | str = 64, width: int | str = 64) -> Path:
+    """A raw-pixel model (as `segment export --input uint8` makes): uint8 RGB [N,H,W,3] -> labels [N,H,W], the
+    class of a pixel its strongest channel, through a 1x1 identity convolution (cuDNN's work on a GPU)."""
+    x = helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", height, width, 3])
+    y = helper.make_tensor_value_info("preds", TensorProto.UINT8, ["N", height, width])
+    eye = onnx.numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), "eye")
+    nodes = [helper.make_node("Transpose", ["pixels"], ["nchw"], perm=[0, 3, 1, 2]),
+             helper.make_node("Cast", ["nchw"], ["x"], to=TensorProto.FLOAT),
+             helper.make_node("Conv", ["x", "eye"], ["feature"]),
+             helper.make_node("ArgMax", ["feature"], ["idx"], axis=1, keepdims=0),
+             helper.make_node("Cast", ["idx"], ["preds"], to=TensorProto.UINT8)]
+    model = helper.make_model(helper.make_graph(nodes, "raw_rgb_argmax", [x], [y], initializer=[eye]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    path.with_suffix(".json").write_text(json.dumps({**RGB_META, "input_format": "uint8_nhwc"}))
+    return path
+
+
 def quadrants(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """A BGR photo with red, green and blue blocks (and a red bottom-right), and its true labels."""
     labels = np.zeros((h, w), np.uint8)
