@@ -50,7 +50,11 @@ def rgb_model(path: Path, output: str = "labels", height: int | str = 64, width:
     else:
         nodes.append(helper.make_node("Identity", [feature], ["preds"]))
         y = helper.make_tensor_value_info("preds", TensorProto.FLOAT, ["N", 3, height, width])
-    graph = helper.make_graph(nodes, "rgb_argmax", [x], [y], initializer=initializers)
+    return _save(helper.make_graph(nodes, "rgb_argmax", [x], [y], initializer=initializers), path, meta, opset)
+
+
+def _save(graph, path: Path, meta: dict | None, opset: int = 17) -> Path:
+    """Check and write a test model, with its metadata JSON beside it unless ``meta`` is None."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -72,14 +76,8 @@ def raw_rgb_model(path: Path, height: int | str = 64, width: int | str = 64) -> 
              helper.make_node("Conv", ["x", "eye"], ["feature"]),
              helper.make_node("ArgMax", ["feature"], ["idx"], axis=1, keepdims=0),
              helper.make_node("Cast", ["idx"], ["preds"], to=TensorProto.UINT8)]
-    model = helper.make_model(helper.make_graph(nodes, "raw_rgb_argmax", [x], [y], initializer=[eye]),
-                              opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    path.with_suffix(".json").write_text(json.dumps({**RGB_META, "input_format": "uint8_nhwc"}))
-    return path
+    return _save(helper.make_graph(nodes, "raw_rgb_argmax", [x], [y], initializer=[eye]), path,
+                 {**RGB_META, "input_format": "uint8_nhwc"})
 
 
 def quadrants(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:

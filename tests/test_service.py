@@ -5,7 +5,7 @@ import pytest
 
 from app.runner import OrtOptions, load_model
 
-from .conftest import RGB_META, decode_png, make_client, png_bytes, quadrants, rgb_model
+from .conftest import RGB_META, decode_png, make_client, png_bytes, quadrants, raw_rgb_model, rgb_model
 
 
 def post(client, data: bytes, **params):
@@ -59,6 +59,18 @@ def test_fixed_size_model_output_resized_to_input(engines, output):
     assert (labels == truth).mean() > 0.97  # only pixels at block edges may move in the 64x64 round trip
     assert info["output_kind"] == output
     assert (info["input"]["height"], info["input"]["width"]) == (64, 64)
+
+
+def test_raw_pixel_model_is_fed_raw_pixels(engines):
+    """A uint8 [N,H,W,3] model (`segment export --input uint8`) gets the resized RGB pixels, no float work, and
+    answers as the float model does; the contract says which kind it is."""
+    raw_rgb_model(engines / "raw.onnx", height=64, width=64)
+    photo, truth = quadrants(120, 200)
+    with make_client(engines, "raw") as c:
+        labels = decode_png(post(c, png_bytes(photo), view="labels").content)
+        info = c.get("/models/active").json()
+    assert info["input"]["dtype"] == "uint8" and info["metadata"]["input_format"] == "uint8_nhwc"
+    assert labels.shape == truth.shape and (labels == truth).mean() > 0.97
 
 
 def test_contract_read_from_model(engines):
