@@ -74,7 +74,8 @@ def cmd_train(args) -> int:
 def _load(path: Path):
     """Load a model file for a one-off command, with plain-words errors instead of tracebacks."""
     from .core.config import get_settings
-    from .runner import MODEL_SUFFIXES, ModelError, OrtOptions, load_model
+    from .onnxrt import OrtOptions
+    from .runner import MODEL_SUFFIXES, ModelError, load_model
 
     if not path.is_file():
         raise SystemExit(f"error: no such model file: {path}")

@@ -198,7 +198,8 @@ def quantize_qdq(onnx_path: Path, out_path: Path, size: tuple[int, int], calib_d
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from .pipeline import preprocess
-    from .runner import OrtOptions, load_model
+    from .onnxrt import OrtOptions
+    from .runner import load_model
 
     if target == "tensorrt":
         activations, extra, reduce_range = QuantType.QInt8, {"ActivationSymmetric": True, "WeightSymmetric": True}, False
@@ -243,7 +244,8 @@ def float16_onnx(onnx_path: Path, out_path: Path) -> Path:
 def parity(candidate: Path, reference: Path, size: tuple[int, int], images: list[Path]) -> dict:
     """Labels of the built model against its source model's, both served as the service serves them."""
     from .pipeline import preprocess
-    from .runner import OrtOptions, load_model
+    from .onnxrt import OrtOptions
+    from .runner import load_model
 
     models = [load_model(candidate), load_model(reference, ort=OrtOptions(providers="cpu"))]
     try:

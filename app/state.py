@@ -9,8 +9,9 @@ from .core.config import Settings
 from .jobs import JobQueue
 from .metadata import MetadataError
 from .metrics import Metrics
+from .onnxrt import OrtOptions
 from .registry import Registry
-from .runner import ModelError, OrtOptions, SegmentationModel, load_model
+from .runner import ModelError, SegmentationModel, load_model
 
 log = logging.getLogger("segment.state")
 

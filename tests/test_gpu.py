@@ -12,7 +12,8 @@ import pytest
 
 from app import gpu_decode
 from app.pipeline import segment_image
-from app.runner import OrtOptions, load_model
+from app.onnxrt import OrtOptions
+from app.runner import load_model
 
 from .conftest import ROOT, SAMPLE, decode_png, make_client, png_bytes, quadrants, raw_rgb_model
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from app.runner import OrtOptions, load_model
+from app.onnxrt import OrtOptions
+from app.runner import load_model
 
 from .conftest import RGB_META, decode_png, make_client, png_bytes, quadrants, raw_rgb_model, rgb_model
 
@@ -285,7 +286,7 @@ def test_cuda_provider_gets_the_options_and_falls_back_to_its_defaults(engines, 
     assert options == {"prefer_nhwc": 1, "fuse_conv_bias": 1}
     assert OrtOptions.from_settings(Settings(cuda_blocking_sync=True, ort_threads=2)) == \
         OrtOptions("auto", 2, options, True)
-    with caplog.at_level("WARNING", logger="segment.runner"):
+    with caplog.at_level("WARNING", logger="segment.onnxrt"):
         model = load_model(rgb_model(engines / "rgb.onnx"), ort=OrtOptions(cuda_options=options))
     try:
         assert asked[0][0] == ("CUDAExecutionProvider", {"prefer_nhwc": "1", "fuse_conv_bias": "1"})

@@ -1,0 +1,138 @@
+"""ONNX Runtime sessions for the Polygraphy runner: providers, CPU threads, CUDA provider options and waits.
+
+A Polygraphy-style loader (:class:`OrtSessionLoader`) builds the session; :func:`numpy_onnxrt_runner` runs it.
+"""
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("segment.onnxrt")
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    """How ONNX Runtime sessions are made: providers, CPU threads, CUDA provider options, CUDA waits."""
+
+    providers: str = "auto"  # auto (CUDA when onnxruntime-gpu sees a GPU, else CPU) or a comma list
+    threads: int = 0  # intra-op threads, 0: one per core
+    cuda_options: dict = field(default_factory=dict)  # CUDA provider options, e.g. {"prefer_nhwc": 1}
+    cuda_blocking_sync: bool = False  # waits for the GPU sleep instead of spinning a CPU core
+
+    @classmethod
+    def from_settings(cls, settings) -> "OrtOptions":
+        return cls(settings.ort_providers, settings.ort_threads, dict(settings.ort_cuda_options),
+                   settings.cuda_blocking_sync)
+
+
+@cache
+def cuda_runtime():
+    """The CUDA runtime library that onnxruntime-gpu loaded (ctypes), or None: for the two calls ONNX Runtime
+    has no option for."""
+    import ctypes
+
+    for name in ("libcudart.so.13", "libcudart.so.12", "cudart64_13.dll", "cudart64_12.dll"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def cuda_blocking_sync() -> bool:
+    """Make this process's waits for the GPU sleep rather than spin (``cudaDeviceScheduleBlockingSync``); it
+    takes effect only before the process's first CUDA context, i.e. before its first session."""
+    runtime = cuda_runtime()
+    return runtime is not None and runtime.cudaSetDeviceFlags(0x04) == 0
+
+
+class OrtSessionLoader:
+    """Polygraphy-style loader: a callable that builds an ONNX Runtime session with our options."""
+
+    def __init__(self, path: Path, options: OrtOptions = OrtOptions()):
+        self.path, self.options = path, options
+
+    def resolved_providers(self) -> list[str]:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if self.options.providers == "auto":
+            wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            wanted = [p.strip() for p in self.options.providers.split(",") if p.strip()]
+        chosen = []
+        for want in wanted:
+            match = next((a for a in available if want.lower() in a.lower()), None)
+            if match and match not in chosen:
+                chosen.append(match)
+        return chosen or ["CPUExecutionProvider"]
+
+    def __call__(self):
+        import onnxruntime as ort
+
+        providers = self.resolved_providers()
+        if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds CUDA and cuDNN from the nvidia-* pip packages only once they are loaded;
+            # without this the CUDA provider silently falls back to CPU (or needs `import torch` first).
+            ort.preload_dlls()
+            if self.options.cuda_blocking_sync and not cuda_blocking_sync():
+                log.debug("blocking CUDA sync not set (a CUDA context already exists in this process)")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.options.threads:
+            opts.intra_op_num_threads = self.options.threads
+        opts.log_severity_level = 3
+
+        def session(cuda_options: dict):
+            return ort.InferenceSession(str(self.path), sess_options=opts, providers=[
+                (p, {k: str(v) for k, v in cuda_options.items()}) if p == "CUDAExecutionProvider" else p
+                for p in providers])
+
+        sess = session(self.options.cuda_options)
+        if self.options.cuda_options and "CUDAExecutionProvider" in providers:
+            _trial_run(sess)
+            if "CUDAExecutionProvider" not in sess.get_providers():
+                # ONNX Runtime moves the session to the CPU when the CUDA provider fails with these options, at
+                # creation or at the first run (e.g. no cuDNN engine for a fused or NHWC convolution, seen on an
+                # H100: 100x slower, still reported as CUDA until then): the GPU with its defaults beats that.
+                log.warning("%s: the CUDA provider failed with options %s; using its defaults", self.path.name,
+                            self.options.cuda_options)
+                sess = session({})
+        return sess
+
+
+def _trial_run(sess) -> None:
+    """Run a single-input session once on zeros (dynamic dims: batch 1, 64 otherwise), so that a provider failure
+    that ONNX Runtime finds only when running happens now; other errors are left to the model's dry run."""
+    inputs = sess.get_inputs()
+    dtypes = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32, "tensor(float16)": np.float16}
+    if len(inputs) != 1 or inputs[0].type not in dtypes:
+        return
+    shape = [d if isinstance(d, int) else (1 if i == 0 else 64) for i, d in enumerate(inputs[0].shape)]
+    try:
+        sess.run(None, {inputs[0].name: np.zeros(shape, dtypes[inputs[0].type])})
+    except Exception as exc:  # not a provider failure (ONNX Runtime retries those on the CPU itself)
+        log.debug("%s", exc)
+
+
+def numpy_onnxrt_runner():
+    """Polygraphy's ``OnnxrtRunner`` for NumPy inputs only.
+
+    The stock ``infer_impl`` asks of every input whether it is a torch tensor, which imports torch whenever
+    it is installed (1-2 s and hundreds of MB); the service only ever feeds NumPy arrays.
+    """
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    class NumpyOnnxrtRunner(OnnxrtRunner):
+        def infer_impl(self, feed_dict):
+            start = time.perf_counter()
+            outputs = self.sess.run(None, feed_dict)
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict(zip((o.name for o in self.sess.get_outputs()), outputs))
+
+    return NumpyOnnxrtRunner
