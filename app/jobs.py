@@ -41,6 +41,10 @@ class JobQueue:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._ids = itertools.count(1)
         self._proc: subprocess.Popen | None = None
+        # Guards _proc and _stopped together: without it, stop() could land after a job is marked running but
+        # before its child exists, and that child would then run on unkilled.
+        self._lock = threading.Lock()
+        self._stopped = False
         self._worker = threading.Thread(target=self._work, name="engine-builds", daemon=True)
         self._worker.start()
 
@@ -54,10 +58,14 @@ class JobQueue:
 
     def _work(self) -> None:
         while (job := self._queue.get()) is not None:
-            job.state, job.started = "running", time.time()
             try:
-                self._proc = subprocess.Popen(job.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                              text=True, bufsize=1)
+                with self._lock:
+                    if self._stopped:
+                        job.state, job.error = "failed", "the service stopped before this build started"
+                        continue
+                    job.state, job.started = "running", time.time()
+                    self._proc = subprocess.Popen(job.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                  text=True, bufsize=1)
                 for line in self._proc.stdout:
                     if line := line.rstrip():
                         job.progress.append(line)
@@ -70,11 +78,15 @@ class JobQueue:
             except Exception as exc:  # the job fails; the queue keeps going
                 job.state, job.error = "failed", str(exc)
             finally:
-                self._proc, job.finished = None, time.time()
+                with self._lock:
+                    self._proc = None
+                job.finished = time.time()
                 log.info("%s %s", job.id, job.state)
 
     def stop(self) -> None:
-        """Stop taking jobs and kill a running build (its temporary files are discarded by design)."""
+        """Stop taking jobs, fail the queued ones and kill a running build (its temporary files are discarded)."""
+        with self._lock:
+            self._stopped = True
+            if self._proc is not None:
+                self._proc.kill()
         self._queue.put(None)
-        if self._proc is not None:
-            self._proc.kill()

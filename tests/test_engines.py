@@ -362,6 +362,7 @@ def test_job_queue_runs_in_order_and_kill_leaves_nothing(engines, tmp_path):
     queue = JobQueue()
     failing = queue.submit("c", ["compile", str(engines / "rgb.onnx"), str(engines / "c.engine"), "--fp16"])
     slow = queue.submit("t", ["test", str(engines / "rgb.onnx"), "--iterations", "100000"])
+    queued = queue.submit("t2", ["test", str(engines / "rgb.onnx"), "--iterations", "1"])
     for _ in range(200):
         if slow.state == "running":
             break
@@ -375,8 +376,29 @@ def test_job_queue_runs_in_order_and_kill_leaves_nothing(engines, tmp_path):
             break
         time.sleep(0.1)
     assert slow.state == "failed" and slow.finished is not None
+    for _ in range(50):
+        if queued.state != "queued":
+            break
+        time.sleep(0.1)
+    assert queued.state == "failed" and queued.started is None and "stopped" in queued.error
     assert not (engines / "c.engine").exists() or tensorrt_available()
     assert not any(p.name.startswith(".") and p.name.endswith(".build") for p in engines.iterdir())
+
+
+def test_stop_right_after_submit_never_leaves_a_build_running(engines):
+    """stop() can land while the worker is starting the child; the child must still be killed."""
+    import time
+
+    from app.jobs import JobQueue
+
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    for delay in (0, 0.001, 0.005, 0.02, 0.05):
+        queue = JobQueue()
+        job = queue.submit("t", ["test", str(engines / "rgb.onnx"), "--iterations", "100000"])
+        time.sleep(delay)
+        queue.stop()
+        queue._worker.join(timeout=30)
+        assert not queue._worker.is_alive() and job.state == "failed", (delay, job.state)
 
 
 def test_engine_from_another_gpu_or_tensorrt_is_explained():
