@@ -227,11 +227,12 @@ class SegmentationModel:
     @cached_property
     def decodes_on_gpu(self) -> bool:
         """Whether JPEGs can go straight from nvImageCodec to this model: raw pixels in, labels out, fixed size,
-        ONNX Runtime on CUDA."""
+        ONNX Runtime on CUDA, and a CUDA runtime library found to order the decoder's stream before the run."""
         from . import gpu_decode
 
         return (self.backend == "onnxruntime" and self.device == "cuda" and self.uint8_input
-                and self.output_kind == "labels" and not self.dynamic_hw and gpu_decode.available())
+                and self.output_kind == "labels" and not self.dynamic_hw and gpu_decode.available()
+                and cuda_runtime() is not None)
 
     def infer_on_gpu(self, image) -> np.ndarray:
         """Labels [1,H,W] for one RGB uint8 [H,W,3] image already in GPU memory (bound, not copied)."""
