@@ -18,7 +18,7 @@ EPILOG = """examples (the seed's three commands work as written, on .onnx files 
   segment engines                                 # list the model repository
   segment export --arch bisenetv2 --weights model_final_v2_city.pth --classes 19 --dataset cityscapes \\
                  --height 1024 --width 2048 --output labels --out engines/city_v2.onnx
-  segment eval engines/camvid_bisenetv2.onnx --data ../shared/datasets/camvid --void-id 11
+  segment eval engines/camvid_bisenetv2.onnx --data data/camvid --void-id 11
 """
 
 
@@ -43,18 +43,22 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def fail(message: str, code: int = 2) -> SystemExit:
+    """The one way a command stops on an error: ``error: ...`` on stderr and an exit status (2: bad usage or input,
+    3: the model or build was refused, TensorRT missing included)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return SystemExit(code)
+
+
 def cmd_export(args) -> int:
     try:
         from .bisenet.export import export
     except ImportError as exc:
-        print(f"error: export needs PyTorch: pip install '.[export]' ({exc})", file=sys.stderr)
-        return 2
+        raise fail(f"export needs PyTorch: pip install '.[export]' ({exc})") from None
     if args.weights is None and not args.random_init:
-        print("error: give --weights PATH.pth, or --random-init for untrained weights", file=sys.stderr)
-        return 2
+        raise fail("give --weights PATH.pth, or --random-init for untrained weights")
     if args.weights is not None and not args.weights.is_file():
-        print(f"error: no such checkpoint: {args.weights}", file=sys.stderr)
-        return 2
+        raise fail(f"no such checkpoint: {args.weights}")
     result = export(args.arch, args.out, weights=None if args.random_init else args.weights, classes=args.classes,
                     dataset=args.dataset, height=args.height, width=args.width, output=args.output,
                     dynamic_hw=args.dynamic_hw, opset=args.opset, seed=args.seed, input_kind=args.input)
@@ -74,22 +78,22 @@ def cmd_train(args) -> int:
 def _load(path: Path):
     """Load a model file for a one-off command, with plain-words errors instead of tracebacks."""
     from .core.config import get_settings
-    from .onnxrt import OrtOptions
-    from .runner import MODEL_SUFFIXES, ModelError, load_model
+    from .core.errors import ServiceError
+    from .engines import MODEL_SUFFIXES, OrtOptions, load_model
 
     if not path.is_file():
-        raise SystemExit(f"error: no such model file: {path}")
+        raise fail(f"no such model file: {path}")
     if path.suffix.lower() not in MODEL_SUFFIXES:
-        raise SystemExit(f"error: {path.name}: expected a model file ({', '.join(MODEL_SUFFIXES)})")
+        raise fail(f"{path.name}: expected a model file ({', '.join(MODEL_SUFFIXES)})")
     s = get_settings()
     try:
         return load_model(path, backend=s.backend, ort=OrtOptions.from_settings(s))
-    except ModelError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except ServiceError as exc:
+        raise fail(str(exc), 3) from None
 
 
 def _shape(text: str) -> tuple[int, int, int]:
-    from .compiler import parse_shape
+    from .builds.options import parse_shape
 
     try:
         return parse_shape(text)
@@ -106,57 +110,56 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def cmd_compile(args) -> int:
-    from .compiler import BuildOptions, compile_model
-    from .runner import ModelError
+    from .builds.compiler import compile_model
+    from .builds.options import BuildOptions
+    from .engines import ONNX_SUFFIXES
 
     if not args.onnx.is_file():
-        raise SystemExit(f"error: no such ONNX file: {args.onnx}")
+        raise fail(f"no such ONNX file: {args.onnx}")
     if args.onnx.suffix.lower() != ".onnx":
-        raise SystemExit(f"error: {args.onnx.name}: the input must be an .onnx file")
+        raise fail(f"{args.onnx.name}: the input must be an .onnx file")
     if args.int8 is not None and not args.int8.is_dir():
-        raise SystemExit(f"error: --int8 {args.int8}: no such folder of calibration images")
+        raise fail(f"--int8 {args.int8}: no such folder of calibration images")
+    target = "onnxruntime" if args.engine.suffix.lower() in ONNX_SUFFIXES else "tensorrt"
     try:
-        opts = BuildOptions(precision="int8" if args.int8 else args.precision, min_shape=args.min_shape,
-                            opt_shape=args.opt_shape, max_shape=args.max_shape, workspace_mb=args.workspace_mb,
-                            calib_dir=args.int8, calib_images=args.calib_images)
+        opts = BuildOptions.parse(target=target, precision="int8" if args.int8 else args.precision,
+                                  min_shape=args.min_shape, opt_shape=args.opt_shape, max_shape=args.max_shape,
+                                  workspace_mb=args.workspace_mb, calib_dir=args.int8, calib_images=args.calib_images)
         compile_model(args.onnx, args.engine, opts, progress=lambda line: print(line, flush=True))
-    except (ModelError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 3
+    except ValueError as exc:  # our ServiceErrors, and the libraries' own refusals of a bad model
+        raise fail(str(exc), 3) from None
     return 0
 
 
 def cmd_run(args) -> int:
     import cv2
 
-    from .imaging import ImageError
-    from .pipeline import segment_bytes, view_image
+    from .core.errors import ImageError
+    from .serving.pipeline import segment_bytes, view_image
 
     if not args.image.is_file():
-        raise SystemExit(f"error: no such image: {args.image}")
+        raise fail(f"no such image: {args.image}")
     model = _load(args.model)
     try:
         seg = segment_bytes(model, args.image.read_bytes(), 1 << 62, 4096)
         out = view_image(seg, model, args.view, args.alpha)
     except ImageError as exc:
-        raise SystemExit(f"error: {args.image.name}: {exc.detail}") from None
+        raise fail(f"{args.image.name}: {exc.detail}") from None
     finally:
         model.close()
     if args.view == "labels" and args.output.suffix.lower() in (".jpg", ".jpeg"):
         print("warning: JPEG is lossy and will alter class ids; use .png for --view labels", file=sys.stderr)
     if not cv2.imwrite(str(args.output), out):
-        raise SystemExit(f"error: could not write {args.output} (unknown image extension?)")
+        raise fail(f"could not write {args.output} (unknown image extension?)")
     print(f"wrote {args.output} ({out.shape[1]}x{out.shape[0]}, {args.view}); "
           + ", ".join(f"{k} {v:.1f} ms" for k, v in seg.timings.items()))
     return 0
 
 
 def cmd_test(args) -> int:
-    import json as _json
-
     from tqdm import tqdm
 
-    from . import bench
+    from .serving import bench
 
     cfg = bench.BenchConfig(mode=args.mode, iterations=args.iterations, seconds=args.seconds,
                             warmup_iterations=args.warmup, warmup_seconds=args.warmup_seconds, batch=args.batch,
@@ -167,21 +170,21 @@ def cmd_test(args) -> int:
         with tqdm(total=cfg.iterations, desc="timing", unit="it", leave=False) as bar:
             report = bench.run(model, cfg, progress=lambda n: bar.update(n - bar.n))
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise fail(str(exc)) from None
     finally:
         model.close()
     print(bench.table(report))
     if args.json:
-        args.json.write_text(_json.dumps(report, indent=2))
+        args.json.write_text(json.dumps(report, indent=2))
         print(f"saved {args.json}")
     return 0
 
 
 def cmd_engines(args) -> int:
     from .core.config import get_settings
-    from .registry import Registry
+    from .repository import ModelRepository
 
-    entries = Registry(args.dir or get_settings().engines_dir).list()
+    entries = ModelRepository(args.dir or get_settings().engines_dir).list()
     if not entries:
         print("the model repository is empty")
     for e in entries:
@@ -194,7 +197,7 @@ def cmd_engines(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate
+    from .serving.evaluate import evaluate
 
     model = _load(args.model)
     try:
@@ -324,12 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = _command(sub, "train", "train a BiSeNet on a CamVid-layout data set (GPU; needs the export extra)",
-                 "segment train --data ../shared/datasets/camvid --out runs/camvid --minutes 8.2")
+                 "segment train --data data/camvid --out runs/camvid --minutes 8.2")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = _command(sub, "eval", "mIoU of a model through the service's pipeline",
-                 "segment eval engines/camvid_bisenetv2.onnx --data ../shared/datasets/camvid --void-id 11")
+                 "segment eval engines/camvid_bisenetv2.onnx --data data/camvid --void-id 11")
     p.add_argument("model", type=Path)
     p.add_argument("--data", type=Path, required=True, help="root with images/SPLIT and labels/SPLIT")
     p.add_argument("--split", default="val")

@@ -20,8 +20,9 @@ import cv2
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.pipeline import input_size, preprocess  # noqa: E402
-from app.runner import load_model  # noqa: E402
+from app.serving.pipeline import input_size, preprocess  # noqa: E402
+from app.core.resources import bundled_models  # noqa: E402
+from app.engines import load_model  # noqa: E402
 
 
 def independent_mean_ms(model_path: Path, image: Path, iterations: int, warmup: int) -> float:
@@ -44,7 +45,7 @@ def independent_mean_ms(model_path: Path, image: Path, iterations: int, warmup: 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", type=Path, default=ROOT / "engines" / "camvid_bisenetv2.onnx")
+    p.add_argument("model", nargs="?", type=Path, default=bundled_models() / "camvid_bisenetv2.onnx")
     p.add_argument("--image", type=Path, default=ROOT / "benchmarks" / "data" / "cityscapes_example.png")
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)

@@ -28,10 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 IMAGE = ROOT / "benchmarks" / "data" / "cityscapes_example.png"
 
-from app.pipeline import input_size, preprocess  # noqa: E402
-from app.runner import cpu_name, load_model  # noqa: E402
+from app.serving.pipeline import input_size, preprocess  # noqa: E402
+from app.engines import load_model
+from app.engines.host import cpu_name  # noqa: E402
 from benchmarks.loadgen import run_clients  # noqa: E402
-from tests.conftest import Server  # noqa: E402
+from tests.server import Server  # noqa: E402
 
 
 def timed(fn, iterations: int, warmup: int = 2) -> list[float]:
@@ -77,7 +78,7 @@ def pytorch_eager(weights: Path, image: Path, out: Path, iterations: int) -> lis
     import torch.nn.functional as F
 
     from app.bisenet import build_model
-    from app.classes import DATASETS
+    from app.core.datasets import DATASETS
 
     torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
     net = build_model("bisenetv2", 19).eval()
@@ -135,7 +136,8 @@ def main() -> int:
 
     from app.bisenet import build_model
     from app.bisenet.export import export
-    from app.compiler import BuildOptions, compile_model
+    from app.builds.compiler import compile_model
+    from app.builds.options import BuildOptions
 
     data = IMAGE.read_bytes()
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
@@ -156,7 +158,7 @@ def main() -> int:
             export("bisenetv2", engines / f"{name}.onnx", weights=weights, classes=19, dataset="cityscapes",
                    height=h, width=w)
             compile_model(engines / f"{name}.onnx", engines / f"{name}_int8.onnx",
-                          BuildOptions(precision="int8", calib_dir=calib), progress=lambda line: None)
+                          BuildOptions(target="onnxruntime", precision="int8", calib_dir=calib), progress=lambda line: None)
             d = pytorch_eager(weights, IMAGE, tmp / "torch_mask.png", max(3, args.iterations // 2)) \
                 if h == image.shape[0] else None
             for precision, model_name in (("fp32", name), ("int8", f"{name}_int8")):

@@ -33,7 +33,7 @@ IMAGE = ROOT / "benchmarks" / "data" / "cityscapes_example.png"
 
 from app.core.config import Settings  # noqa: E402
 from benchmarks.loadgen import post_load  # noqa: E402
-from tests.conftest import Server  # noqa: E402
+from tests.server import Server  # noqa: E402
 
 
 def engine_only(path: Path, batch: int, cuda_options: dict, n: int = 30) -> dict:
@@ -124,9 +124,10 @@ def ensure_model(models: Path, kind: str) -> Path:
     """``models/kind.onnx``; an ``_fp16`` kind is compiled from its fp32 source when missing."""
     path = models / f"{kind}.onnx"
     if not path.exists() and kind.endswith("_fp16"):
-        from app.compiler import BuildOptions, compile_model
+        from app.builds.compiler import compile_model
+        from app.builds.options import BuildOptions
 
-        compile_model(models / f"{kind[:-5]}.onnx", path, BuildOptions(precision="fp16"),
+        compile_model(models / f"{kind[:-5]}.onnx", path, BuildOptions(target="onnxruntime", precision="fp16"),
                       progress=lambda line: print(f"   compile: {line}", flush=True))
     return path
 

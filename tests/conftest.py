@@ -1,102 +1,10 @@
-"""Shared fixtures: tiny ONNX models whose right answer is known, built with onnx.helper; a real server."""
+"""Fixtures only; the helpers they use live in ``models.py`` and ``server.py``."""
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import cv2
-import httpx
-import numpy as np
-import onnx
 import pytest
-from fastapi.testclient import TestClient
-from onnx import TensorProto, helper
 
-from app.core.config import Settings
-from app.main import create_app
-
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-SAMPLE = ROOT / "benchmarks" / "data" / "cityscapes_example.png"
-
-# "RGB argmax" models: the class of a pixel is its strongest colour channel (0 red, 1 green, 2 blue).
-# With mean 0.5 and std 0.5 the normalised input keeps that order, so the right answer is known exactly.
-RGB_META = {"dataset": "custom", "class_names": ["red", "green", "blue"],
-            "palette": [[200, 10, 10], [10, 200, 10], [10, 10, 200]],
-            "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "trained": False}
-
-
-def rgb_model(path: Path, output: str = "labels", height: int | str = 64, width: int | str = 64,
-              label_dtype=TensorProto.UINT8, meta: dict | None = RGB_META, opset: int = 17,
-              conv: bool = False) -> Path:
-    """Write an ONNX model: input_image [N,3,H,W] -> labels [N,H,W] (ArgMax+Cast) or logits (Identity).
-
-    ``conv`` puts an identity 1x1 convolution first: same answers, but something int8 quantization can act on."""
-    x = helper.make_tensor_value_info("input_image", TensorProto.FLOAT, ["N", 3, height, width])
-    nodes, initializers, feature = [], [], "input_image"
-    if conv:
-        initializers.append(onnx.numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), "eye"))
-        nodes.append(helper.make_node("Conv", ["input_image", "eye"], ["feature"]))
-        feature = "feature"
-    if output == "labels":
-        nodes += [helper.make_node("ArgMax", [feature], ["idx"], axis=1, keepdims=0),
-                  helper.make_node("Cast", ["idx"], ["preds"], to=label_dtype)]
-        y = helper.make_tensor_value_info("preds", label_dtype, ["N", height, width])
-    else:
-        nodes.append(helper.make_node("Identity", [feature], ["preds"]))
-        y = helper.make_tensor_value_info("preds", TensorProto.FLOAT, ["N", 3, height, width])
-    return _save(helper.make_graph(nodes, "rgb_argmax", [x], [y], initializer=initializers), path, meta, opset)
-
-
-def _save(graph, path: Path, meta: dict | None, opset: int = 17) -> Path:
-    """Check and write a test model, with its metadata JSON beside it unless ``meta`` is None."""
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    if meta is not None:
-        path.with_suffix(".json").write_text(json.dumps(meta))
-    return path
-
-
-def raw_rgb_model(path: Path, height: int | str = 64, width: int | str = 64) -> Path:
-    """A raw-pixel model (as `segment export --input uint8` makes): uint8 RGB [N,H,W,3] -> labels [N,H,W], the
-    class of a pixel its strongest channel, through a 1x1 identity convolution (cuDNN's work on a GPU)."""
-    x = helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", height, width, 3])
-    y = helper.make_tensor_value_info("preds", TensorProto.UINT8, ["N", height, width])
-    eye = onnx.numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), "eye")
-    nodes = [helper.make_node("Transpose", ["pixels"], ["nchw"], perm=[0, 3, 1, 2]),
-             helper.make_node("Cast", ["nchw"], ["x"], to=TensorProto.FLOAT),
-             helper.make_node("Conv", ["x", "eye"], ["feature"]),
-             helper.make_node("ArgMax", ["feature"], ["idx"], axis=1, keepdims=0),
-             helper.make_node("Cast", ["idx"], ["preds"], to=TensorProto.UINT8)]
-    return _save(helper.make_graph(nodes, "raw_rgb_argmax", [x], [y], initializer=[eye]), path,
-                 {**RGB_META, "input_format": "uint8_nhwc"})
-
-
-def quadrants(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """A BGR photo with red, green and blue blocks (and a red bottom-right), and its true labels."""
-    labels = np.zeros((h, w), np.uint8)
-    labels[: h // 2, w // 2:] = 1
-    labels[h // 2:, : w // 2] = 2
-    rgb = np.array([[230, 20, 20], [20, 230, 20], [20, 20, 230]], np.uint8)[labels]
-    return np.ascontiguousarray(rgb[..., ::-1]), labels
-
-
-def png_bytes(bgr: np.ndarray) -> bytes:
-    return cv2.imencode(".png", bgr)[1].tobytes()
-
-
-def decode_png(data: bytes, flags=cv2.IMREAD_UNCHANGED) -> np.ndarray:
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    assert img is not None, "response is not a PNG"
-    return img
+from .models import make_client, rgb_model
 
 
 @pytest.fixture
@@ -106,64 +14,9 @@ def engines(tmp_path) -> Path:
     return d
 
 
-def make_client(engines: Path, model: str, **settings) -> TestClient:
-    return TestClient(create_app(Settings(engines_dir=engines, model=model, **settings)))
-
-
 @pytest.fixture
 def client(engines):
     """A running service on a dynamic-H/W RGB labels model."""
     rgb_model(engines / "rgb.onnx", height="H", width="W")
     with make_client(engines, "rgb") as c:
         yield c
-
-
-TOKEN = "test-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`segment serve` in a child process on 127.0.0.1."""
-
-    def __init__(self, engines: Path, model: str = "rgb", env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "SEGMENT_ENGINES_DIR": str(engines), "SEGMENT_MODEL": model,
-               "SEGMENT_ADMIN_TOKEN": TOKEN, "SEGMENT_LOG_LEVEL": "info", **(env or {})}
-        self.log = engines.parent / f"server-{self.port}.log"  # a file, so a full pipe can never stall the server
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(self.port)],
-                                         cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server did not become ready")
-
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
-
-    def stop(self) -> bool:
-        """SIGTERM; True when uvicorn shut down gracefully (it re-raises the signal afterwards)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return False
-        return code in (0, -signal.SIGTERM) and "Finished server process" in self.log.read_text()
-
-

@@ -1,15 +1,17 @@
 """Dynamic batching: concurrent requests share runner calls, and each gets its own answer."""
 
+import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from app.batching import Batcher
-from app.runner import load_model
+from app.serving.batching import Batcher
+from app.engines import load_model
+from app.serving.served import ServedModel
 
-from .conftest import decode_png, make_client, png_bytes, quadrants, rgb_model
+from .models import decode_png, make_client, png_bytes, quadrants, rgb_model
 
 
 def test_batcher_gathers_and_routes_rows_back():
@@ -66,11 +68,12 @@ def test_batching_needs_a_dynamic_batch_dimension(engines):
     from onnx import TensorProto
 
     fixed = load_model(rgb_model(engines / "b1.onnx", label_dtype=TensorProto.UINT8))
+    fixed.contract = dataclasses.replace(fixed.contract, batch_dynamic=False)  # as a model exported with batch 1
+    served = ServedModel.serve(fixed, batch_max=8, batch_wait_ms=5)
     try:
-        fixed.batch_dynamic = False  # as a model exported with batch 1 would be
-        assert fixed.enable_batching(8, 5) is False and fixed.batcher is None
+        assert served.batcher is None
     finally:
-        fixed.close()
+        served.close()
 
 
 def test_service_with_batching_answers_every_request_correctly(engines):

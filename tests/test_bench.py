@@ -5,11 +5,11 @@ import threading
 
 import pytest
 
-from app import bench
+from app.serving import bench
 from app.cli import main
-from app.runner import load_model
+from app.engines import load_model
 
-from .conftest import make_client, rgb_model
+from .models import make_client, rgb_model
 
 TOKEN = {"Authorization": "Bearer t"}
 
@@ -93,7 +93,7 @@ def test_concurrent_bench_is_refused_with_409(engines):
             threading.Event().wait(0.02)
         second = c.get("/bench", headers=TOKEN, params={"iterations": 1})
         # Segmentation keeps working while the benchmark runs.
-        from .conftest import png_bytes, quadrants
+        from .models import png_bytes, quadrants
 
         seg = c.post("/segment", files={"image": ("p.png", png_bytes(quadrants(32, 32)[0]), "image/png")})
         t.join()

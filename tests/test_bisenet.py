@@ -8,9 +8,10 @@ import pytest
 torch = pytest.importorskip("torch", reason="the export extra (torch) is not installed")
 
 from app.bisenet import CheckpointError, build_model, load_checkpoint  # noqa: E402
-from app.runner import ModelError, load_model  # noqa: E402
+from app.core.errors import ModelError
+from app.engines import load_model  # noqa: E402
 
-from .conftest import make_client, png_bytes  # noqa: E402
+from .models import make_client, png_bytes  # noqa: E402
 from .upstream_weights import deterministic_input, deterministic_state  # noqa: E402
 
 DATA = Path(__file__).parent / "data"  # holds copies of ../shared/contract/bisenetv{1,2}_state_dict.txt
@@ -88,7 +89,7 @@ def test_bad_checkpoints_fail_naming_keys(tmp_path):
 @pytest.mark.parametrize("output", ["labels", "logits"])
 def test_export_matches_pytorch_and_serves(tmp_path, output):
     from app.bisenet.export import export
-    from app.metadata import load_meta
+    from app.core.metadata import load_meta
 
     torch.manual_seed(3)
     ckpt = tmp_path / "w.pth"
@@ -103,7 +104,7 @@ def test_export_matches_pytorch_and_serves(tmp_path, output):
     # ONNX Runtime through our runner gives the labels PyTorch gives, on real pre-processing.
     model = load_model(onnx_path)
     try:
-        from app.pipeline import preprocess
+        from app.serving.pipeline import preprocess
 
         image = np.random.default_rng(1).integers(0, 255, (64, 128, 3), np.uint8)
         x = preprocess(image, model, (64, 128))
@@ -180,7 +181,7 @@ def test_training_tool_runs_checkpoints_and_resumes(tmp_path):
 def test_uint8_input_export_serves_raw_pixels_with_the_same_labels(tmp_path):
     """`--input uint8`: the service feeds raw RGB pixels and gets what the float model gives."""
     from app.bisenet.export import export
-    from app.pipeline import segment_image
+    from app.serving.pipeline import segment_image
 
     torch.manual_seed(5)
     ckpt = tmp_path / "w.pth"
@@ -208,15 +209,17 @@ def test_fp16_build_of_raw_pixel_bisenet_for_onnxruntime(tmp_path, caplog):
     import onnx
 
     from app.bisenet.export import export
-    from app.compiler import BuildOptions, compile_model
-    from app.pipeline import segment_image
+    from app.builds.compiler import compile_model
+    from app.builds.options import BuildOptions
+    from app.serving.pipeline import segment_image
 
     engines = tmp_path / "engines"
     export("bisenetv2", engines / "raw.onnx", weights=None, classes=19, dataset="cityscapes", height=64, width=128,
            input_kind="uint8", seed=3)
-    meta = compile_model(engines / "raw.onnx", engines / "raw_fp16.onnx", BuildOptions(precision="fp16"))
-    build = meta.extra["build"]
-    assert meta.extra["precision"] == "fp16" and build["target"] == "onnxruntime"
+    meta = compile_model(engines / "raw.onnx", engines / "raw_fp16.onnx",
+                         BuildOptions(target="onnxruntime", precision="fp16"))
+    build = meta.build.model_dump()
+    assert meta.precision == "fp16" and build["target"] == "onnxruntime"
     assert build["parity"]["label_agreement"] >= 0.99 and not build["parity"]["flagged"]
     graph = onnx.load(str(engines / "raw_fp16.onnx")).graph
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
@@ -244,10 +247,11 @@ def test_int8_build_of_raw_pixel_bisenet_for_onnxruntime(tmp_path):
     import onnx
 
     from app.bisenet.export import export
-    from app.compiler import BuildOptions, compile_model
-    from app.pipeline import segment_image
+    from app.builds.compiler import compile_model
+    from app.builds.options import BuildOptions
+    from app.serving.pipeline import segment_image
 
-    from .conftest import SAMPLE
+    from .models import SAMPLE
 
     engines, calib = tmp_path / "engines", tmp_path / "calib"
     calib.mkdir()
@@ -256,9 +260,9 @@ def test_int8_build_of_raw_pixel_bisenet_for_onnxruntime(tmp_path):
            input_kind="uint8", seed=3)
     lines = []
     meta = compile_model(engines / "raw.onnx", engines / "raw_int8.onnx",
-                         BuildOptions(precision="int8", calib_dir=calib), progress=lines.append)
+                         BuildOptions(target="onnxruntime", precision="int8", calib_dir=calib), progress=lines.append)
     assert any(line.startswith("parity: label agreement") for line in lines)
-    build = meta.extra["build"]
+    build = meta.build.model_dump()
     assert build["target"] == "onnxruntime" and build["calibration_size"] == [64, 128]
     assert 0.5 < build["parity"]["label_agreement"] <= 1.0 and build["parity"]["images"] == 1
     graph = onnx.load(str(engines / "raw_int8.onnx")).graph
@@ -266,7 +270,7 @@ def test_int8_build_of_raw_pixel_bisenet_for_onnxruntime(tmp_path):
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 10
     model = load_model(engines / "raw_int8.onnx")
     try:
-        assert model.uint8_input and model.meta.extra["precision"] == "int8"
+        assert model.uint8_input and model.meta.precision == "int8"
         labels = segment_image(model, np.random.default_rng(4).integers(0, 255, (90, 160, 3), np.uint8)).labels
         assert labels.shape == (90, 160) and labels.max() < 19
     finally:

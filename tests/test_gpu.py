@@ -10,12 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-from app import gpu_decode
-from app.pipeline import segment_image
-from app.onnxrt import OrtOptions
-from app.runner import load_model
+from app.serving import gpu_decode
+from app.serving.pipeline import segment_image
+from app.engines import OrtOptions
+from app.engines import load_model
 
-from .conftest import ROOT, SAMPLE, decode_png, make_client, png_bytes, quadrants, raw_rgb_model
+from .models import BUNDLED, ROOT, SAMPLE, decode_png, make_client, png_bytes, quadrants, raw_rgb_model
 
 
 def _cuda_usable() -> bool:
@@ -44,7 +44,7 @@ def _cuda_usable() -> bool:
 
 pytestmark = pytest.mark.skipif(not _cuda_usable(), reason="needs an NVIDIA GPU and onnxruntime-gpu "
                                                            "(pip install -e '.[gpu]' on a GPU host)")
-DEFAULT = ROOT / "engines" / "camvid_bisenetv2.onnx"
+DEFAULT = BUNDLED / "camvid_bisenetv2.onnx"
 TOKEN = {"Authorization": "Bearer t"}
 
 
@@ -75,13 +75,14 @@ def test_cuda_is_chosen_by_itself_and_reported(engines):
 
 
 def test_default_model_on_cuda_in_fp32_and_fp16_agrees_with_the_cpu(tmp_path):
-    from app.compiler import BuildOptions, compile_model
+    from app.builds.compiler import compile_model
+    from app.builds.options import BuildOptions
 
     photo = cv2.imread(str(SAMPLE))
     fp16_path = tmp_path / "camvid_fp16.onnx"
     shutil.copy(DEFAULT.with_suffix(".json"), tmp_path / "camvid.json")
     shutil.copy(DEFAULT, tmp_path / "camvid.onnx")
-    compile_model(tmp_path / "camvid.onnx", fp16_path, BuildOptions(precision="fp16"))
+    compile_model(tmp_path / "camvid.onnx", fp16_path, BuildOptions(target="onnxruntime", precision="fp16"))
     models = [load_model(p, ort=o) for p, o in ((DEFAULT, OrtOptions(providers="cpu")), (DEFAULT, OrtOptions()),
                                                  (fp16_path, OrtOptions()))]
     try:

@@ -11,7 +11,9 @@ import httpx
 import numpy as np
 import pytest
 
-from .conftest import TOKEN, Server, decode_png, png_bytes, quadrants, rgb_model
+from .models import decode_png, png_bytes, quadrants, rgb_model
+
+from .server import TOKEN, Server
 from .test_engines import argmin_model
 
 @pytest.fixture

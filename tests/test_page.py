@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, SAMPLE, Server
+from .models import BUNDLED, ROOT, SAMPLE
+
+from .server import Server
 
 CHROMIUM = Path("/usr/bin/chromium")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
@@ -19,7 +21,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     engines = tmp_path_factory.mktemp("repo") / "engines"
-    shutil.copytree(ROOT / "engines", engines)  # the bundled, trained default model
+    shutil.copytree(BUNDLED, engines)  # the bundled, trained default model
     s = Server(engines, model="camvid_bisenetv2")
     yield s
     s.stop()

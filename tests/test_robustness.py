@@ -6,11 +6,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.imaging import ImageError, decode
-from app.pipeline import segment_image
-from app.runner import load_model
+from app.core.errors import ImageError
 
-from .conftest import decode_png, make_client, png_bytes, quadrants, rgb_model
+from app.serving.imaging import decode
+from app.serving.pipeline import segment_image
+from app.engines import load_model
+
+from .models import decode_png, make_client, png_bytes, quadrants, rgb_model
 from .corpus import CASES
 
 

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from app.onnxrt import OrtOptions
-from app.runner import load_model
+from app.engines import OrtOptions
+from app.engines import load_model
 
-from .conftest import RGB_META, decode_png, make_client, png_bytes, quadrants, raw_rgb_model, rgb_model
+from .models import RGB_META, decode_png, make_client, png_bytes, quadrants, raw_rgb_model, rgb_model
 
 
 def post(client, data: bytes, **params):
@@ -225,7 +225,7 @@ def test_serving_never_imports_torch(engines):
     import subprocess
     import sys
 
-    from .conftest import ROOT
+    from .models import ROOT
 
     rgb_model(engines / "rgb.onnx", height="H", width="W")
     code = (
@@ -309,8 +309,8 @@ def test_jpeg_at_the_model_size_takes_the_gpu_decode_path_and_everything_else_th
     (RGB, as nvImageCodec returns), and the model's GPU inference by its CPU inference on that image."""
     import cv2
 
-    from app import gpu_decode
-    from app.pipeline import preprocess
+    from app.serving import gpu_decode
+    from app.serving.pipeline import preprocess
 
     rgb_model(engines / "rgb.onnx", height=64, width=64)
     decoded, decline = [], []

@@ -1,16 +1,21 @@
-"""FastAPI dependencies for the shared state and admin authentication."""
+"""FastAPI dependencies: the serving state, the served model, admission, the builds, admin authentication."""
 
 import secrets
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
 
-from ..runner import SegmentationModel
-from ..state import ServiceState
+from ..builds.service import Builds
+from ..serving.served import ServedModel
+from ..serving.state import ServiceState
 
 
 def get_state(request: Request) -> ServiceState:
     return request.app.state.service
+
+
+def get_builds(request: Request) -> Builds:
+    return request.app.state.builds
 
 
 def get_model(state: Annotated[ServiceState, Depends(get_state)]):
@@ -19,6 +24,15 @@ def get_model(state: Annotated[ServiceState, Depends(get_state)]):
         if model is None:
             raise HTTPException(503, detail=f"no model is loaded: {state.problem}")
         yield model
+
+
+def admitted(state: Annotated[ServiceState, Depends(get_state)]):
+    """One segmentation in flight, or 503 + Retry-After when ``max_inflight`` are already running: bounded work,
+    shedding load instead of queueing without limit."""
+    with state.admit() as ok:
+        if not ok:
+            raise HTTPException(503, detail="the server is busy; retry shortly", headers={"Retry-After": "1"})
+        yield
 
 
 def require_admin(state: Annotated[ServiceState, Depends(get_state)],
@@ -36,15 +50,23 @@ def require_admin(state: Annotated[ServiceState, Depends(get_state)],
         raise HTTPException(401, detail="missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"})
 
 
-def one_process(state: ServiceState, what: str) -> None:
-    """409 where ``what`` would change state that lives in one worker process (the served model, the build
-    queue) while several workers serve: the others would not see it."""
-    if (n := state.settings.workers) > 1:
-        raise HTTPException(409, detail=f"{what} is not available with {n} worker processes, each with its own "
+def one_process(state: Annotated[ServiceState, Depends(get_state)]) -> None:
+    """409 for a change to state that lives in one worker process (the served model, the build queue) while
+    several workers serve: the others would not see it."""
+    check_one_process(state.settings.workers)
+
+
+def check_one_process(workers: int) -> None:
+    """:func:`one_process` for a route that knows only from its form whether it changes such state."""
+    if (n := workers) > 1:
+        raise HTTPException(409, detail=f"this change is not available with {n} worker processes, each with its own "
                                         "model and build queue: build with `segment compile`, switch models by "
                                         "restarting with SEGMENT_MODEL=NAME, or run a single-worker server")
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]
-ModelDep = Annotated[SegmentationModel, Depends(get_model)]
+BuildsDep = Annotated[Builds, Depends(get_builds)]
+ModelDep = Annotated[ServedModel, Depends(get_model)]
 AdminDep = Depends(require_admin)
+AdmittedDep = Depends(admitted)
+OneProcessDep = Depends(one_process)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..classes import DATASETS
-from ..metadata import ModelMeta, save_meta, sha256_file
+from ..core.datasets import DATASETS
+from ..core.metadata import ModelMeta, save_meta, sha256_file
 from . import build_model, load_checkpoint
 
 log = logging.getLogger("segment.export")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..iou import confusion, report
+from ..core.iou import confusion, report
 from . import build_model
 from .data import IGNORE, GpuAugment, channel_stats, load_split
 from .loss import OhemCrossEntropy
@@ -137,10 +137,3 @@ def main(args: argparse.Namespace) -> dict:
     print(f"done: {it} iterations in {train_s:.0f} s; weights in {out / 'weights.pth'}", flush=True)
     return summary
 
-
-if __name__ == "__main__":
-    from ..cli import add_train_arguments
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_train_arguments(parser)
-    main(parser.parse_args())

@@ -8,16 +8,16 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "camvid_bisenetv2"
-# Where templates/, static/ and the bundled engines/ live (the project is installed in editable mode).
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class Settings(BaseSettings):
-    """Every knob of the service; README's configuration table lists them."""
+    """Every knob of the service; docs/configuration.md lists them (a test keeps it in step)."""
 
     model_config = SettingsConfigDict(env_prefix="SEGMENT_", env_file=".env", extra="ignore")
 
-    engines_dir: Path = Field(PROJECT_ROOT / "engines", description="Model repository: ONNX files, engines, metadata JSON.")
+    engines_dir: Path = Field(
+        Path("engines"), description="Model repository: ONNX files, engines, metadata JSON. Created with the bundled "
+                                     "models when it does not exist yet; relative paths are from the working folder.")
     model: str = Field(DEFAULT_MODEL, description="Served model: a file name or stem inside engines_dir.")
     backend: Literal["auto", "tensorrt", "onnxruntime"] = Field(
         "auto", description="auto: TensorRT for .engine/.plan files, ONNX Runtime for .onnx.")

@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
 
-from ... import bench
+from ...serving import bench
 from ..deps import AdminDep, ModelDep, StateDep
 
 router = APIRouter(tags=["operations"])

@@ -1,83 +1,47 @@
-"""The model repository over HTTP: list, inspect, register or compile, activate, delete."""
+"""The model repository over HTTP: list, inspect, register or build, activate, delete."""
 
 import json
-from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from ...compiler import ONNXRUNTIME_BUILDS, parse_shape
-from ...metadata import MetadataError, ModelMeta
-from ...registry import Conflict, NotFound, check_name
-from ...runner import IncompatibleEngine, ModelError, TensorRTUnavailable, tensorrt_available
-from ..deps import AdminDep, StateDep, one_process
-from .segment import read_upload
+from ...builds.options import BuildOptions, check_precision, parse_shape
+from ...core.errors import BuildError, Conflict, MetadataError, TensorRTUnavailable
+from ...core.metadata import ModelMeta
+from ...engines import tensorrt_available
+from ...repository import check_name
+from ..deps import AdminDep, BuildsDep, OneProcessDep, StateDep, check_one_process
+from ..uploads import read_upload, save_calibration_set
 
 router = APIRouter(prefix="/engines", tags=["engines"])
-
-
-def _http(exc: ModelError) -> HTTPException:
-    status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, (Conflict, IncompatibleEngine)) else \
-        503 if isinstance(exc, TensorRTUnavailable) else 400
-    return HTTPException(status, detail=str(exc))
-
-
-async def save_calibration_set(state, name: str, uploads: list[UploadFile]) -> None:
-    """Check each upload is a usable image, then store the set as engines/calibration/<name>/."""
-    from ...imaging import ImageError, decode
-
-    folder = state.registry.root / "calibration" / name
-    if folder.exists():
-        raise HTTPException(409, detail=f"a calibration set called {name!r} already exists; use calib_source={name}")
-    s, files = state.settings, []
-    for i, upload in enumerate(uploads):
-        data = await read_upload(upload, s.max_upload_bytes)
-        try:
-            await run_in_threadpool(decode, data, s.max_pixels, s.min_side)
-        except ImageError as exc:
-            raise HTTPException(exc.status_code, detail=f"calibration image {i} ({upload.filename}): {exc.detail}") from None
-        files.append(data)
-    folder.mkdir(parents=True)
-    for i, data in enumerate(files):
-        (folder / f"{i:04d}.img").write_bytes(data)
 
 
 @router.get("")
 def list_engines(state: StateDep) -> dict:
     """Every model in the repository (ONNX and TensorRT), with its metadata; `active` names the served one."""
     active = state.model.path.name if state.model else None
-    return {"active": active, "engines": [{**e, "active": e["file"] == active} for e in state.registry.list()]}
+    return {"active": active, "engines": [{**e, "active": e["file"] == active} for e in state.repository.list()]}
 
 
 @router.get("/jobs/{job_id}")
-def job(job_id: str, state: StateDep) -> dict:
+def job(job_id: str, builds: BuildsDep) -> dict:
     """A build job: state (queued, running, succeeded, failed), progress lines, error."""
-    found = state.jobs.jobs.get(job_id) if state.jobs else None
-    if found is None:
-        raise HTTPException(404, detail=f"no job {job_id!r}")
-    return found.view()
+    return builds.job(job_id).view()
 
 
 @router.get("/{name}")
 def get_engine(name: str, state: StateDep) -> dict:
     """One model of the repository."""
-    try:
-        return state.registry.describe(state.registry.path(name))
-    except ModelError as exc:
-        raise _http(exc) from None
+    return state.repository.describe(state.repository.path(name))
 
 
-@router.post("/{name}/activate", dependencies=[AdminDep])
+@router.post("/{name}/activate", dependencies=[AdminDep, OneProcessDep])
 async def activate(name: str, state: StateDep) -> dict:
     """Serve `name` from now on. Requests in flight finish on the previous model; new ones use this one."""
-    one_process(state, "switching models")
-    try:
-        model = await run_in_threadpool(state.load, name)
-    except (ModelError, MetadataError) as exc:
-        raise _http(exc) if isinstance(exc, ModelError) else HTTPException(400, detail=str(exc)) from None
+    model = await run_in_threadpool(state.load, name)
     state.activate(model)
     return {"active": model.describe()}
 
@@ -85,14 +49,21 @@ async def activate(name: str, state: StateDep) -> dict:
 @router.delete("/{name}", dependencies=[AdminDep])
 def delete(name: str, state: StateDep) -> dict:
     """Remove a model and its metadata; the served model cannot be deleted."""
-    try:
-        path = state.registry.path(name)
-        if state.model is not None and state.model.path.resolve() == path.resolve():
-            raise Conflict(f"{name!r} is being served; activate another model first")
-        state.registry.delete(name)
-    except ModelError as exc:
-        raise _http(exc) from None
+    path = state.repository.path(name)
+    if state.serves(path):
+        raise Conflict(f"{name!r} is being served; activate another model first")
+    state.repository.delete(name)
     return {"deleted": path.name}
+
+
+def parse_metadata(text: str | None) -> ModelMeta | None:
+    """Metadata sent as JSON with an upload (422 when it is not valid)."""
+    if not text:
+        return None
+    try:
+        return ModelMeta.model_validate(json.loads(text))
+    except (ValueError, ValidationError) as exc:
+        raise MetadataError(f"invalid metadata: {exc}", status_code=422) from None
 
 
 @router.post("", status_code=202, dependencies=[AdminDep], responses={
@@ -101,6 +72,7 @@ def delete(name: str, state: StateDep) -> dict:
     503: {"description": "TensorRT is not installed on this host"}})
 async def create(
     state: StateDep,
+    builds: BuildsDep,
     name: Annotated[str, Form(description="Name of the new model")],
     onnx: UploadFile | None = None,
     source: Annotated[str | None, Form(description="A registered ONNX model to compile, instead of an upload")] = None,
@@ -119,76 +91,43 @@ async def create(
     """Register an ONNX model for ONNX Runtime (201), or build a TensorRT engine or an fp16 or int8 ONNX model
     (202 + job)."""
     precision = precision or ("fp16" if target == "tensorrt" else "fp32")
-    try:
-        shapes = {flag: parse_shape(value) for flag, value in
-                  (("--min-shape", min_shape), ("--opt-shape", opt_shape), ("--max-shape", max_shape)) if value}
-    except ValueError as exc:
-        raise HTTPException(422, detail=f"invalid shape: {exc}") from None
-    try:
-        check_name(name)
-        if (onnx is None) == (source is None):
-            raise HTTPException(422, detail="give exactly one of: an `onnx` file upload, or `source` (a registered ONNX name)")
-        if target == "onnxruntime" and precision not in ("fp32", *ONNXRUNTIME_BUILDS):
-            raise HTTPException(422, detail=f"ONNX Runtime serves fp32, fp16 (CUDA) or int8 models, not {precision} "
-                                            "(bf16 is a TensorRT precision)")
-        if target == "tensorrt" and not tensorrt_available():
-            raise TensorRTUnavailable()
-        meta = ModelMeta.model_validate(json.loads(metadata)) if metadata else None
-    except ModelError as exc:
-        raise _http(exc) from None
-    except (ValueError, ValidationError) as exc:
-        raise HTTPException(422, detail=f"invalid metadata: {exc}") from None
+    shapes = {key: parse_shape(value) for key, value in
+              (("min_shape", min_shape), ("opt_shape", opt_shape), ("max_shape", max_shape)) if value}
+    check_name(name)
+    if (onnx is None) == (source is None):
+        raise BuildError("give exactly one of: an `onnx` file upload, or `source` (a registered ONNX name)")
+    check_precision(target, precision)
+    if target == "tensorrt" and not tensorrt_available():
+        raise TensorRTUnavailable()
+    meta = parse_metadata(metadata)
     build = not (target == "onnxruntime" and precision == "fp32")
     if build:
-        one_process(state, "building")
-
-    registry = state.registry
+        check_one_process(state.settings.workers)
+        state.repository.ensure_free(name)
     if onnx is not None:
-        staged = registry.temp_upload()
+        staged = state.repository.temp_upload()
         try:
             staged.write_bytes(await read_upload(onnx, state.settings.max_onnx_bytes))
-            src_name = f"{name}-source" if build else name
-            entry = await run_in_threadpool(registry.register_onnx, src_name, staged, meta)
-        except ModelError as exc:
-            raise _http(exc) from None
+            source = f"{name}-source" if build else name
+            entry = await run_in_threadpool(builds.register, source, staged, meta)
         finally:
             staged.unlink(missing_ok=True)
         if not build:
             return JSONResponse(entry, status_code=201)
-        source = src_name
-    try:
-        src_path = registry.path(source)
-    except ModelError as exc:
-        raise _http(exc) from None
-    if src_path.suffix != ".onnx":
-        raise HTTPException(400, detail=f"source {source!r} is not an ONNX model")
-    if not build:
-        raise HTTPException(409, detail=f"{source!r} is already registered for ONNX Runtime; "
-                                        "precision=fp16 or int8 builds a copy")
-    try:
-        registry.ensure_free(name)
-    except Conflict as exc:
-        raise _http(exc) from None
-    out = registry.root / f"{name}{'.onnx' if target == 'onnxruntime' else '.engine'}"
-    args = ["compile", str(src_path), str(out), f"--{precision}"]
-    for flag, value in shapes.items():
-        args += [flag, ",".join(map(str, value))]
-    if workspace_mb is not None:
-        args += ["--workspace-mb", str(workspace_mb)]
+    elif not build:
+        raise Conflict(f"{source!r} is already registered for ONNX Runtime; precision=fp16 or int8 builds a copy")
+    calib_dir = None
     if precision == "int8":
         if calib_images:
             calib_source = name
-            await save_calibration_set(state, name, calib_images)
+            s = state.settings
+            await save_calibration_set(state.repository, name, calib_images, s.max_upload_bytes, s.max_pixels,
+                                       s.min_side)
         if not calib_source:
-            raise HTTPException(422, detail="int8 needs calibration photos: upload `calib_images`, or name a folder "
-                                            "under engines/calibration with `calib_source`")
-        try:
-            folder = registry.root / "calibration" / check_name(calib_source)
-        except ModelError as exc:
-            raise _http(exc) from None
-        if not folder.is_dir():
-            raise HTTPException(404, detail=f"no calibration folder {calib_source!r} under engines/calibration")
-        args[-1] = "--int8"
-        args.append(str(folder))
-    job = state.jobs.submit(name, args)
+            raise BuildError("int8 needs calibration photos: upload `calib_images`, or name a folder under "
+                             "engines/calibration with `calib_source`")
+        calib_dir = builds.calibration_folder(calib_source)
+    options = BuildOptions.parse(target=target, precision=precision, workspace_mb=workspace_mb, calib_dir=calib_dir,
+                                 **shapes)
+    job = builds.submit(name, source, options)
     return {"job_id": job.id, "status_url": f"/engines/jobs/{job.id}", "state": job.state}

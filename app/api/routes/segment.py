@@ -3,18 +3,17 @@
 import base64
 from typing import Annotated, Literal
 
-import numpy as np
-from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from ...imaging import ImageError
-from ...pipeline import Segmentation, Stopwatch, render, segment_bytes
-from ...runner import SegmentationModel
-from ...state import ServiceState
-from ..deps import ModelDep, StateDep
+from ...serving.pipeline import Segmentation, render, segment_bytes
+from ...serving.served import ServedModel
+from ...serving.state import ServiceState
+from ..deps import AdmittedDep, ModelDep, StateDep
+from ..uploads import read_one_image
 
-router = APIRouter(tags=["segmentation"])
+router = APIRouter(tags=["segmentation"], dependencies=[AdmittedDep])
 
 PNG_RESPONSE = {200: {"content": {"image/png": {}},
                       "description": "The PNG; headers `Server-Timing` and `X-Timing-*-Ms` give per-stage times."}}
@@ -24,44 +23,18 @@ ERRORS = {400: {"description": "Corrupt or truncated image, too small, or more t
 ImageField = Annotated[UploadFile, File(description="The photo: JPEG, PNG, BMP, WebP or TIFF.")]
 
 
-async def read_upload(upload: UploadFile, limit: int) -> bytes:
-    """The upload's bytes, refusing with 413 as soon as it passes ``limit``."""
-    chunks, size = [], 0
-    while chunk := await upload.read(1 << 20):
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, detail=f"upload is larger than the {limit:,}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def segment_upload(request: Request, state: ServiceState, model: SegmentationModel,
-                         image: UploadFile, photo: bool = False) -> Segmentation:
-    """Admission, reading with limits, and the pipeline, off the event loop; HTTP errors for bad input.
-
-    ``photo``: the response shows the photo (the overlay), so it must be decoded on the host."""
+async def segment_upload(request: Request, state: ServiceState, model: ServedModel, image: UploadFile,
+                         photo: bool = False) -> Segmentation:
+    """Read the one uploaded image and run the pipeline off the event loop (decode, inference and encode release
+    the GIL in OpenCV and ONNX Runtime). ``photo``: the response shows the photo, so it is decoded on the host."""
     s = state.settings
-    if len((await request.form()).getlist("image")) != 1:
-        raise HTTPException(400, detail="send exactly one file in the `image` field")
-    with state.admit() as admitted:
-        if not admitted:  # bounded work in flight: shed load instead of queueing without limit
-            raise HTTPException(503, detail="the server is busy; retry shortly", headers={"Retry-After": "1"})
-        data = await read_upload(image, s.max_upload_bytes)
-        try:
-            # Decode, inference and encode release the GIL in OpenCV / ONNX Runtime: run them off the event loop.
-            return await run_in_threadpool(segment_bytes, model, data, s.max_pixels, s.max_dynamic_side, s.min_side,
-                                           s.gpu_decode and not photo)
-        except ImageError as exc:
-            raise HTTPException(exc.status_code, detail=exc.detail) from None
+    data = await read_one_image(request, image, s.max_upload_bytes)
+    return await run_in_threadpool(segment_bytes, model, data, s.max_pixels, s.max_dynamic_side, s.min_side,
+                                   s.gpu_decode and model.decodes_on_gpu and not photo)
 
 
-async def encode(seg: Segmentation, model: SegmentationModel, view: str, alpha: float, state: ServiceState) -> bytes:
-    """Render a view to PNG off the event loop, adding its time to ``seg.timings`` and the metrics."""
-    watch = Stopwatch()
-    png = await run_in_threadpool(render, seg, model, view, alpha, state.settings.png_compression)
-    watch.lap("encode")
-    seg.timings["encode"] = seg.timings.get("encode", 0.0) + watch.timings["encode"]
-    return png
+async def encode(seg: Segmentation, model: ServedModel, view: str, alpha: float, state: ServiceState) -> bytes:
+    return await run_in_threadpool(render, seg, model, view, alpha, state.settings.png_compression)
 
 
 @router.post("/segment", response_class=Response, responses={**PNG_RESPONSE, **ERRORS})
@@ -95,18 +68,10 @@ async def segment_json(request: Request, state: StateDep, model: ModelDep, image
     mask = await encode(seg, model, "mask", 1.0, state)
     labels = await encode(seg, model, "labels", 1.0, state)
     state.metrics.observe_stages(seg.timings)
-    counts = np.bincount(seg.labels.ravel(), minlength=model.num_classes)
-    total = int(counts.sum())
-    names = model.meta.class_names
-    classes = [{"id": i, "name": names[i] if i < len(names) else f"class {i}",
-                "color": "#{:02x}{:02x}{:02x}".format(*model.palette[i]), "pixels": int(n),
-                "percent": 100.0 * int(n) / total}
-               for i, n in sorted(enumerate(counts), key=lambda kv: -kv[1]) if n]
-    info = model.describe()
     return {
         "model": {"name": model.name, "backend": model.backend, "device": model.device,
-                  "precision": info["precision"], "dataset": model.meta.dataset, "trained": model.meta.trained},
+                  "precision": model.meta.precision, "dataset": model.meta.dataset, "trained": model.meta.trained},
         "width": int(seg.labels.shape[1]), "height": int(seg.labels.shape[0]),
-        "timings_ms": seg.timings, "classes": classes,
+        "timings_ms": seg.timings, "classes": seg.class_shares(model),
         "mask_png": base64.b64encode(mask).decode(), "labels_png": base64.b64encode(labels).decode(),
     }

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from ..engines import SegmentationModel
 from . import gpu_decode as gpu
 from .imaging import check_header, colorize, decode_pixels, encode_indexed_png, encode_png, jpeg_complete, overlay
-from .runner import SegmentationModel
 
 VIEWS = ("mask", "overlay", "labels")
 
@@ -58,6 +58,16 @@ class Segmentation:
     labels: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
 
+    def class_shares(self, model: SegmentationModel) -> list[dict]:
+        """The classes present, largest first: id, name, colour (hex), pixel count and percentage."""
+        counts = np.bincount(self.labels.ravel(), minlength=model.num_classes)
+        total = int(counts.sum())
+        names = model.meta.class_names
+        return [{"id": i, "name": names[i] if i < len(names) else f"class {i}",
+                 "color": "#{:02x}{:02x}{:02x}".format(*model.palette[i]), "pixels": int(n),
+                 "percent": 100.0 * int(n) / total}
+                for i, n in sorted(enumerate(counts), key=lambda kv: -kv[1]) if n]
+
 
 class Stopwatch:
     """Collects per-stage durations in milliseconds."""
@@ -76,14 +86,13 @@ def segment_bytes(model: SegmentationModel, data: bytes, max_pixels: int, max_si
                   min_side: int = 1, gpu_decode: bool = False) -> Segmentation:
     """Decode and segment one upload; raises ``ImageError`` for unusable input.
 
-    With ``gpu_decode``, a JPEG at the model's own size goes straight from nvImageCodec into a model that
-    :attr:`~SegmentationModel.decodes_on_gpu`; the result then has no photo. Anything else, or a JPEG that
-    nvImageCodec declines or that does not end as a JPEG must (cut short, or with bytes after it), is decoded on the
-    CPU, which explains damage."""
+    With ``gpu_decode`` (for a served model that decodes on the GPU), a JPEG at the model's own size goes straight
+    from nvImageCodec into the model; the result then has no photo. Anything else, or a JPEG that nvImageCodec
+    declines or that does not end as a JPEG must (cut short, or with bytes after it), is decoded on the CPU, which
+    explains damage."""
     watch = Stopwatch()
     width, height, fmt = check_header(data, max_pixels, min_side)
-    if gpu_decode and fmt == "jpeg" and model.decodes_on_gpu and (height, width) == model.input_hw \
-            and jpeg_complete(data):
+    if gpu_decode and fmt == "jpeg" and (height, width) == model.input_hw and jpeg_complete(data):
         image = gpu.decode(data)
         if image is not None and tuple(image.shape) == (height, width, 3):  # EXIF rotation may swap sides
             watch.lap("decode")
@@ -119,10 +128,15 @@ def view_image(seg: Segmentation, model: SegmentationModel, view: str, alpha: fl
 
 
 def render(seg: Segmentation, model: SegmentationModel, view: str, alpha: float, compression: int) -> bytes:
-    """PNG bytes of a view. Mask and labels are written as indexed / grey PNGs straight from the class ids."""
+    """PNG bytes of a view, its time added to ``seg.timings["encode"]``. Mask and labels are written as indexed /
+    grey PNGs straight from the class ids."""
+    start = time.perf_counter()
     labels = seg.labels if model.num_classes <= 256 else seg.labels.astype(np.uint16)
     if view == "mask" and labels.dtype == np.uint8:
-        return encode_indexed_png(labels, model.palette, compression)
-    if view == "labels":
-        return encode_indexed_png(labels, None, compression)
-    return encode_png(view_image(seg, model, view, alpha), compression)
+        png = encode_indexed_png(labels, model.palette, compression)
+    elif view == "labels":
+        png = encode_indexed_png(labels, None, compression)
+    else:
+        png = encode_png(view_image(seg, model, view, alpha), compression)
+    seg.timings["encode"] = round(seg.timings.get("encode", 0.0) + (time.perf_counter() - start) * 1000.0, 3)
+    return png

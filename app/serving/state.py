@@ -1,52 +1,54 @@
-"""The service's shared state: the model repository, the served model (swapped atomically), build jobs."""
+"""The serving state: the model repository, the served model (swapped atomically) and admission."""
 
 import logging
 import threading
 from contextlib import contextmanager
 
-from . import gpu_decode
-from .core.config import Settings
-from .jobs import JobQueue
-from .metadata import MetadataError
+from ..core.config import Settings
+from ..core.errors import MetadataError, ModelError
+from ..core.resources import seed_repository
+from ..engines import OrtOptions, load_model
+from ..repository import ModelRepository
 from .metrics import Metrics
-from .onnxrt import OrtOptions
-from .registry import Registry
-from .runner import ModelError, SegmentationModel, load_model
+from .served import ServedModel
 
 log = logging.getLogger("segment.state")
 
 
 class ServiceState:
-    """Holds the active :class:`SegmentationModel`; each request holds the one it started with to the end."""
+    """Holds the active :class:`ServedModel`; each request holds the one it started with to the end."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, metrics: Metrics | None = None):
         self.settings = settings
-        self.registry = Registry(settings.engines_dir)
-        self.metrics = Metrics()
-        self.model: SegmentationModel | None = None
+        self.repository = ModelRepository(settings.engines_dir)
+        self.metrics = metrics or Metrics()
+        self.model: ServedModel | None = None
         self.problem: str | None = "not started"
         self._swap = threading.Lock()
-        self.jobs: JobQueue | None = None
         self.bench_lock = threading.Lock()  # one benchmark at a time
         self.inflight = 0
 
-    def load(self, name: str) -> SegmentationModel:
-        """Load a model of the repository with the configured backend options (not yet served)."""
+    def load(self, name: str) -> ServedModel:
+        """Load a model of the repository with the configured backend and serving options (not yet served)."""
         s = self.settings
-        model = load_model(self.registry.path(name), backend=s.backend, ort=OrtOptions.from_settings(s))
-        model.enable_batching(s.batch_max, s.batch_wait_ms, self.metrics.batch_size.observe)
-        if s.gpu_decode and model.decodes_on_gpu:
-            gpu_decode.warm(*model.input_hw)  # the decoders' first runs now, not on the first requests
+        model = load_model(self.repository.path(name), backend=s.backend, ort=OrtOptions.from_settings(s))
+        served = ServedModel.serve(model, s.batch_max, s.batch_wait_ms, self.metrics.batch_size.observe, s.gpu_decode)
+        if s.gpu_decode and served.decodes_on_gpu:
             log.info("%s: JPEG uploads of %dx%d are decoded on the GPU (nvImageCodec)", name, *model.input_hw[::-1])
-        return model
+        return served
 
-    def activate(self, model: SegmentationModel) -> None:
+    def activate(self, model: ServedModel) -> None:
         """Serve ``model`` from now on; the previous one finishes its requests, then closes."""
         with self._swap:
             old, self.model, self.problem = self.model, model, None
         self.metrics.set_model(model.describe())
         if old is not None and old is not model:
             old.retire()
+
+    def serves(self, path) -> bool:
+        """Whether the model file at ``path`` is the one being served."""
+        model = self.model
+        return model is not None and model.path.resolve() == path.resolve()
 
     @contextmanager
     def use_model(self):
@@ -75,7 +77,7 @@ class ServiceState:
     def start(self) -> None:
         """Load the configured model, or record in plain words why none can be served."""
         s = self.settings
-        self.jobs = JobQueue()
+        seed_repository(s.engines_dir)
         try:
             self.activate(self.load(s.model))
         except (ModelError, MetadataError) as exc:
@@ -85,8 +87,6 @@ class ServiceState:
             self.metrics.set_model(None)
 
     def stop(self) -> None:
-        if self.jobs is not None:
-            self.jobs.stop()
         with self._swap:
             model, self.model = self.model, None
         if model is not None:

@@ -5,10 +5,30 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .classes import DATASETS
+from .datasets import DATASETS
+from .errors import MetadataError
+
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+
+
+class BuildInfo(BaseModel):
+    """How a built model was made (``segment compile`` / ``POST /engines``): what it came from, with which tools
+    on which hardware, and how well it agrees with its source. Tool-specific fields are kept as they come."""
+
+    model_config = ConfigDict(extra="allow")
+
+    target: Literal["tensorrt", "onnxruntime"]
+    source: str | None = None
+    source_sha256: str | None = None
+    tensorrt_version: str | None = None
+    gpu: str | None = None
+    compute_capability: str | None = None
+    options: dict = Field(default_factory=dict)
+    parity: dict | None = None
 
 
 class ModelMeta(BaseModel):
@@ -26,7 +46,21 @@ class ModelMeta(BaseModel):
     trained: bool = True
     source_sha256: str | None = None
     description: str | None = None
+    precision: Precision = Field("fp32", description="numeric precision the model computes in")
+    build: BuildInfo | None = Field(None, description="set on models made by a build")
     extra: dict = Field(default_factory=dict, description="free-form fields (export options, training summary)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_old_fields(cls, data):
+        # Files written before precision and build were typed fields kept them under "extra".
+        if isinstance(data, dict) and isinstance(data.get("extra"), dict):
+            extra = dict(data["extra"])
+            for key in ("precision", "build"):
+                if key in extra and key not in data:
+                    data = {**data, key: extra.pop(key)}
+            data["extra"] = extra
+        return data
 
     @model_validator(mode="after")
     def _fill_from_dataset(self):
@@ -42,10 +76,6 @@ class ModelMeta(BaseModel):
         if self.num_classes is None:
             self.num_classes = len(self.class_names)
         return self
-
-
-class MetadataError(ValueError):
-    """A metadata file exists but cannot be used."""
 
 
 def meta_path(model_path: Path) -> Path:

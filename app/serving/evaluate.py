@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .iou import confusion, report
+from ..core.iou import confusion, report
+from ..engines import SegmentationModel
 from .pipeline import segment_image
-from .runner import SegmentationModel
 
 
 def evaluate(model: SegmentationModel, data: Path, split: str = "val", ignore: int = 255,

@@ -1,4 +1,4 @@
-"""The model repository on disk: every ONNX model and TensorRT engine in ``engines/`` with its metadata."""
+"""The model repository on disk: every ONNX model and TensorRT engine in one folder, with its metadata."""
 
 import os
 import re
@@ -8,18 +8,11 @@ from pathlib import Path
 
 import onnx
 
-from .metadata import MetadataError, ModelMeta, load_meta, meta_path, save_meta, write_atomic
-from .runner import MODEL_SUFFIXES, ONNX_SUFFIXES, ModelError, check_onnx_graph, load_model
+from ..core.errors import Conflict, MetadataError, ModelError, NotFound
+from ..core.metadata import ModelMeta, load_meta, meta_path, save_meta, write_atomic
+from ..engines import MODEL_SUFFIXES, ONNX_SUFFIXES, check_onnx_graph, load_model
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-
-
-class NotFound(ModelError):
-    """No model of that name."""
-
-
-class Conflict(ModelError):
-    """The operation clashes with the registry's state (name taken, model active)."""
 
 
 def check_name(name: str) -> str:
@@ -33,7 +26,7 @@ def kind_of(path: Path) -> str:
     return "onnx" if path.suffix.lower() in ONNX_SUFFIXES else "tensorrt"
 
 
-class Registry:
+class ModelRepository:
     """Reads and writes ``root``; names map to ``root/NAME.onnx`` or ``root/NAME.engine`` (+ ``NAME.json``)."""
 
     def __init__(self, root: Path):
@@ -65,10 +58,9 @@ class Registry:
             meta, problem = load_meta(path).model_dump(), None
         except MetadataError as exc:
             meta, problem = None, str(exc)
-        build = (meta or {}).get("extra", {}).get("build", {})
-        complete = kind_of(path) == "onnx" or (meta_path(path).exists() and bool(build))
+        complete = kind_of(path) == "onnx" or (meta_path(path).exists() and bool((meta or {}).get("build")))
         return {"name": path.stem, "file": path.name, "kind": kind_of(path), "bytes": path.stat().st_size,
-                "precision": (meta or {}).get("extra", {}).get("precision", "fp32"),
+                "precision": (meta or {}).get("precision", "fp32"),
                 "complete": complete, "problem": problem, "metadata": meta}
 
     def list(self) -> list[dict]:

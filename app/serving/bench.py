@@ -1,18 +1,17 @@
 """One benchmark loop for ``GET /bench`` and ``segment test``: warm-up, timed iterations, honest statistics."""
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
 
-from .core.config import PROJECT_ROOT
+from ..core.resources import sample_image
+from ..engines import SegmentationModel
 from .imaging import decode
 from .pipeline import input_size, preprocess, render, segment_bytes
-from .runner import SegmentationModel, cpu_name
 
-DEFAULT_IMAGE = PROJECT_ROOT / "benchmarks" / "data" / "cityscapes_example.png"
 MAX_ITERATIONS = 100_000
 
 
@@ -27,7 +26,7 @@ class BenchConfig:
     warmup_seconds: float | None = None
     batch: int = 1
     size: tuple[int, int] | None = None  # (H, W) fed to a model with dynamic H/W; default: from the image
-    image: Path = DEFAULT_IMAGE
+    image: Path = field(default_factory=sample_image)
     max_side: int = 2048
 
     def __post_init__(self):
@@ -77,9 +76,7 @@ def run(model: SegmentationModel, cfg: BenchConfig, progress: Callable[[int], No
 
         def step():
             s = segment_bytes(model, data, 1 << 62, cfg.max_side)
-            t = time.perf_counter()
             render(s, model, "mask", 0.5, 1)
-            s.timings["encode"] = (time.perf_counter() - t) * 1000.0
             for k, v in s.timings.items():
                 stages.setdefault(k, []).append(v)
 
@@ -103,8 +100,7 @@ def run(model: SegmentationModel, cfg: BenchConfig, progress: Callable[[int], No
     ms = np.asarray(latencies)
     report = {
         "mode": cfg.mode, "model": model.name, "backend": model.backend,
-        "device": model.device if model.backend != "onnxruntime" or model.device == "cuda" else cpu_name(),
-        "precision": model.meta.extra.get("precision", "fp32"), "input_shape": shape, "batch": cfg.batch,
+        "device": model.device, "precision": model.meta.precision, "input_shape": shape, "batch": cfg.batch,
         "iterations": len(latencies), "warmup_iterations": done, "wall_s": wall,
         "throughput_images_per_s": len(latencies) * cfg.batch / wall,
         "latency_ms": percentiles(ms),

@@ -1,8 +1,10 @@
-"""ONNX Runtime sessions for the Polygraphy runner: providers, CPU threads, CUDA provider options and waits.
+"""The ONNX Runtime backend: sessions for Polygraphy's ``OnnxrtRunner`` (providers, CPU threads, CUDA provider
+options and waits) and the one place that knows what ONNX Runtime on CUDA costs and allows.
 
-A Polygraphy-style loader (:class:`OrtSessionLoader`) builds the session; :func:`numpy_onnxrt_runner` runs it.
+A Polygraphy loader (:class:`OrtSessionLoader`) builds the session; :class:`NumpyOnnxrtRunner` runs it.
 """
 
+import ctypes
 import logging
 import time
 from collections import OrderedDict
@@ -11,7 +13,12 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+from polygraphy.backend.base import BaseLoader
+from polygraphy.backend.onnxrt import OnnxrtRunner
 
+from .host import cpu_name
+
+SUFFIXES = (".onnx",)
 log = logging.getLogger("segment.onnxrt")
 
 
@@ -34,8 +41,6 @@ class OrtOptions:
 def cuda_runtime():
     """The CUDA runtime library that onnxruntime-gpu loaded (ctypes), or None: for the two calls ONNX Runtime
     has no option for."""
-    import ctypes
-
     for name in ("libcudart.so.13", "libcudart.so.12", "cudart64_13.dll", "cudart64_12.dll"):
         try:
             return ctypes.CDLL(name)
@@ -51,8 +56,8 @@ def cuda_blocking_sync() -> bool:
     return runtime is not None and runtime.cudaSetDeviceFlags(0x04) == 0
 
 
-class OrtSessionLoader:
-    """Polygraphy-style loader: a callable that builds an ONNX Runtime session with our options."""
+class OrtSessionLoader(BaseLoader):
+    """Polygraphy loader: builds an ONNX Runtime session with our options when called."""
 
     def __init__(self, path: Path, options: OrtOptions = OrtOptions()):
         self.path, self.options = path, options
@@ -72,7 +77,7 @@ class OrtSessionLoader:
                 chosen.append(match)
         return chosen or ["CPUExecutionProvider"]
 
-    def __call__(self):
+    def call_impl(self):
         import onnxruntime as ort
 
         providers = self.resolved_providers()
@@ -120,19 +125,53 @@ def _trial_run(sess) -> None:
         log.debug("%s", exc)
 
 
-def numpy_onnxrt_runner():
+class NumpyOnnxrtRunner(OnnxrtRunner):
     """Polygraphy's ``OnnxrtRunner`` for NumPy inputs only.
 
-    The stock ``infer_impl`` asks of every input whether it is a torch tensor, which imports torch whenever
-    it is installed (1-2 s and hundreds of MB); the service only ever feeds NumPy arrays.
-    """
-    from polygraphy.backend.onnxrt import OnnxrtRunner
+    The stock ``infer_impl`` asks of every input whether it is a torch tensor, which imports torch whenever it is
+    installed (1-2 s and hundreds of MB); the service only ever feeds NumPy arrays."""
 
-    class NumpyOnnxrtRunner(OnnxrtRunner):
-        def infer_impl(self, feed_dict):
-            start = time.perf_counter()
-            outputs = self.sess.run(None, feed_dict)
-            self.inference_time = time.perf_counter() - start
-            return OrderedDict(zip((o.name for o in self.sess.get_outputs()), outputs))
+    def infer_impl(self, feed_dict):
+        start = time.perf_counter()
+        outputs = self.sess.run(None, feed_dict)
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict(zip((o.name for o in self.sess.get_outputs()), outputs))
 
-    return NumpyOnnxrtRunner
+
+class OnnxRuntime:
+    """One ``.onnx`` file behind :class:`NumpyOnnxrtRunner`: CUDA provider when onnxruntime-gpu sees a GPU, else CPU."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, options: OrtOptions = OrtOptions()):
+        self.runner = NumpyOnnxrtRunner(OrtSessionLoader(path, options), name=path.stem)
+
+    @property
+    def device(self) -> str:
+        """``cuda``, or ``cpu (<model>)``; known once the runner is active."""
+        providers = self.runner.sess.get_providers()
+        return "cuda" if providers and providers[0] == "CUDAExecutionProvider" else f"cpu ({cpu_name()})"
+
+    @property
+    def shape_change_is_costly(self) -> bool:
+        # The CUDA provider re-plans cuDNN whenever the input shape changes (seconds; docs/performance.md).
+        return self.device == "cuda"
+
+    @property
+    def can_bind_gpu_input(self) -> bool:
+        """Whether an image already in GPU memory can be bound as the input (needs the CUDA runtime library to
+        order the decoder's stream before the run)."""
+        return self.device == "cuda" and cuda_runtime() is not None
+
+    def run_bound(self, input_name: str, image) -> np.ndarray:
+        """The first output for one RGB uint8 [H,W,3] image in GPU memory (``__cuda_array_interface__``), bound
+        without a host copy. The caller holds the model's lock."""
+        sess = self.runner.sess
+        binding = sess.io_binding()
+        binding.bind_input(input_name, "cuda", 0, np.uint8, [1, *image.shape],
+                           image.__cuda_array_interface__["data"][0])
+        binding.bind_output(sess.get_outputs()[0].name, "cpu")
+        # The decoder wrote the image on CUDA's default stream, ONNX Runtime reads on its own: wait for it.
+        cuda_runtime().cudaStreamSynchronize(None)
+        sess.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]

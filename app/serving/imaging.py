@@ -10,16 +10,10 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..core.errors import ImageError
+
 # Pillow only reads headers here (to check the size before decoding); OpenCV decodes.
 Image.MAX_IMAGE_PIXELS = None
-
-
-class ImageError(ValueError):
-    """An upload that is not a usable image; ``status_code`` is the HTTP answer."""
-
-    def __init__(self, status_code: int, detail: str):
-        super().__init__(detail)
-        self.status_code, self.detail = status_code, detail
 
 
 # Leading bytes of the formats we decode: a file that starts like one but cannot be parsed is damaged (400),

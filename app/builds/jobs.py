@@ -1,7 +1,8 @@
 """Engine builds as background jobs: one at a time, in a child process, queued in order.
 
 A child process keeps TensorRT's long build (and any crash in it) away from the serving process, and can be
-killed; ``segment compile`` does the work, so the API and the command line build identically.
+killed. The child (``python -m app.builds``) is handed the typed :class:`BuildRequest` as JSON and calls the same
+``compile_model`` as ``segment compile``, so the API and the command line build identically.
 """
 
 import itertools
@@ -12,6 +13,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+
+from .options import BuildRequest
 
 log = logging.getLogger("segment.jobs")
 
@@ -48,12 +51,16 @@ class JobQueue:
         self._worker = threading.Thread(target=self._work, name="engine-builds", daemon=True)
         self._worker.start()
 
-    def submit(self, name: str, args: list[str]) -> Job:
-        """Queue ``segment <args>`` as a job."""
-        job = Job(id=f"job-{next(self._ids)}", name=name, command=[sys.executable, "-m", "app.cli", *args])
+    def submit(self, request: BuildRequest) -> Job:
+        """Queue a build."""
+        return self.run(request.name, [sys.executable, "-m", "app.builds", request.model_dump_json()])
+
+    def run(self, name: str, command: list[str]) -> Job:
+        """Queue any command as a job (its output lines are the job's progress)."""
+        job = Job(id=f"job-{next(self._ids)}", name=name, command=command)
         self.jobs[job.id] = job
         self._queue.put(job)
-        log.info("%s queued: %s", job.id, " ".join(args))
+        log.info("%s queued: %s", job.id, name)
         return job
 
     def _work(self) -> None:

@@ -1,0 +1,23 @@
+"""Errors to HTTP, in one place: every :class:`ServiceError` becomes its status with a JSON ``detail``."""
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from ..core.errors import ServiceError
+
+
+async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+
+async def invalid_options(request: Request, exc: ValidationError) -> JSONResponse:
+    """A typed request object (build options, metadata) built from form fields that do not fit it."""
+    problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers on ``app``."""
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(ValidationError, invalid_options)

@@ -1,0 +1,68 @@
+"""The service's errors, in plain words, each with the HTTP status it maps to (``api/errors.py`` maps them once).
+
+Lower layers raise these; only the HTTP layer turns them into responses, so no route needs a try/except.
+"""
+
+TENSORRT_HINT = ("TensorRT is not installed here. On an NVIDIA GPU host install it with "
+                 "`pip install '.[tensorrt]'`, or run the GPU Docker image; ONNX models keep working "
+                 "through ONNX Runtime meanwhile.")
+
+
+class ServiceError(ValueError):
+    """Base of every error the service explains to its client; ``status_code`` is the HTTP answer."""
+
+    status_code = 400
+
+    def __init__(self, detail: str, status_code: int | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class ModelError(ServiceError):
+    """The model file cannot be served; the message says why."""
+
+
+class NotFound(ModelError):
+    """No model (or job, or folder) of that name."""
+
+    status_code = 404
+
+
+class Conflict(ModelError):
+    """The operation clashes with the repository's state (name taken, model served, build running)."""
+
+    status_code = 409
+
+
+class IncompatibleEngine(ModelError):
+    """An engine built by another TensorRT version or for another GPU: it must be rebuilt here."""
+
+    status_code = 409
+
+
+class TensorRTUnavailable(ModelError):
+    """A TensorRT engine was asked for where the ``tensorrt`` package is missing."""
+
+    status_code = 503
+
+    def __init__(self, detail: str = TENSORRT_HINT):
+        super().__init__(detail)
+
+
+class MetadataError(ServiceError):
+    """A metadata file (or metadata sent with an upload) exists but cannot be used."""
+
+
+class ImageError(ServiceError):
+    """An upload that is not a usable image (400 damaged, 413 too large, 415 not an image we read)."""
+
+    def __init__(self, status_code: int, detail: str):
+        super().__init__(detail, status_code)
+
+
+class BuildError(ServiceError):
+    """A build request that cannot be carried out as asked (422: the request itself is wrong)."""
+
+    status_code = 422

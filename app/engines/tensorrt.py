@@ -1,0 +1,58 @@
+"""The TensorRT backend: a serialized engine run by Polygraphy's ``TrtRunner``.
+
+``tensorrt`` is imported only when an engine is loaded or built, never at start-up, and is absent on most hosts:
+every entry point says so with :class:`~app.core.errors.TensorRTUnavailable` (503 over HTTP).
+"""
+
+import importlib.util
+from pathlib import Path
+
+from ..core.errors import IncompatibleEngine, TensorRTUnavailable
+from ..core.metadata import ModelMeta
+from .host import gpu_info
+
+SUFFIXES = (".engine", ".plan", ".trt")
+
+
+def tensorrt_available() -> bool:
+    """Whether the ``tensorrt`` Python package can be imported (it is never imported at start-up)."""
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def engine_mismatch(build: dict, trt_version: str, gpu: dict) -> str | None:
+    """Why an engine built as ``build`` cannot run here (TensorRT version or GPU differ), or None."""
+    problems = []
+    built_trt = build.get("tensorrt_version")
+    if built_trt and built_trt.split(".")[:2] != trt_version.split(".")[:2]:
+        problems.append(f"built with TensorRT {built_trt}, this host has {trt_version}")
+    built_cc, here_cc = build.get("compute_capability"), gpu.get("compute_capability")
+    if built_cc and here_cc and built_cc != here_cc:
+        problems.append(f"built for {build.get('gpu') or 'a GPU'} (compute capability {built_cc}), this host has "
+                        f"{gpu.get('gpu', 'a GPU')} ({here_cc})")
+    return "; ".join(problems) or None
+
+
+class TensorRT:
+    """One engine file behind ``TrtRunner``; refuses engines built for another TensorRT version or GPU."""
+
+    name = "tensorrt"
+    device = "cuda"
+    shape_change_is_costly = False  # an optimisation profile covers the range it was built for
+    can_bind_gpu_input = False
+
+    def __init__(self, path: Path, meta: ModelMeta):
+        if not tensorrt_available():
+            raise TensorRTUnavailable()
+        import tensorrt as trt
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        build = meta.build.model_dump() if meta.build else {}
+        if why := engine_mismatch(build, trt.__version__, gpu_info()):
+            raise IncompatibleEngine(f"{path.name} cannot run here: {why}. Rebuild it from its ONNX "
+                                     f"({build.get('source') or 'the source model'}) with `segment compile` or "
+                                     "POST /engines.")
+        self.runner = TrtRunner(EngineFromBytes(BytesFromPath(str(path))), name=path.stem)
+
+    def run_bound(self, input_name: str, image):
+        raise NotImplementedError("TensorRT engines take host arrays here")

@@ -1,0 +1,63 @@
+"""`segment serve` in a child process on 127.0.0.1, for tests and benchmarks that need the real server."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TOKEN = "test-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`segment serve` in a child process on 127.0.0.1."""
+
+    def __init__(self, engines: Path, model: str = "rgb", env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "SEGMENT_ENGINES_DIR": str(engines), "SEGMENT_MODEL": model,
+               "SEGMENT_ADMIN_TOKEN": TOKEN, "SEGMENT_LOG_LEVEL": "info", **(env or {})}
+        self.log = engines.parent / f"server-{self.port}.log"  # a file, so a full pipe can never stall the server
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(self.port)],
+                                         cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server did not become ready")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> bool:
+        """SIGTERM; True when uvicorn shut down gracefully (it re-raises the signal afterwards)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return False
+        return code in (0, -signal.SIGTERM) and "Finished server process" in self.log.read_text()
+
+
