@@ -26,8 +26,10 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from .core.config import get_settings
+    from .core.resources import seed_repository
 
     settings = get_settings()
+    seed_repository(settings.engines_dir)  # once, before the workers start and open the control store there
     workers, metrics_dir = args.workers or settings.workers, None
     if workers > 1:
         # The worker processes read both at start-up: their settings, and where Prometheus values are shared.
@@ -36,7 +38,8 @@ def cmd_serve(args) -> int:
             metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="segment-metrics-")
     try:
         uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=workers,
-                    log_level=settings.log_level, timeout_graceful_shutdown=30)
+                    log_level=settings.log_level, timeout_graceful_shutdown=30,
+                    timeout_worker_healthcheck=settings.worker_start_timeout_s)
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -250,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "segment serve", "SEGMENT_MODEL=city_v2 segment serve --host 0.0.0.0 --port 8000")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, help="server processes, each with its own model (default: SEGMENT_WORKERS, 1)")
+    p.add_argument("--workers", type=int, help="server processes, all following one control store (default: SEGMENT_WORKERS, 1)")
     p.set_defaults(func=cmd_serve)
 
     p = _command(sub, "compile", "build a TensorRT engine from ONNX (needs TensorRT and an NVIDIA GPU), "

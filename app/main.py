@@ -10,7 +10,7 @@ from fastapi.templating import Jinja2Templates
 from .api import errors
 from .api.limits import BodyLimitMiddleware
 from .api.middleware import MetricsMiddleware
-from .api.routes import bench, engines, health, page, segment
+from .api.routes import bench, engines, health, models, page, segment
 from .builds.service import Builds
 from .core.config import Settings, get_settings
 from .core.resources import web_dir
@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.start()
-        builds.start()
+        builds.start(state.store)
         yield
         builds.stop()
         state.stop()
@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service, app.state.builds = state, builds
     app.state.templates = Jinja2Templates(directory=web_dir("templates"))
     app.mount("/static", StaticFiles(directory=web_dir("static")), name="static")
-    for module in (segment, engines, bench, health, page):
+    for module in (segment, engines, health, models, bench, page):
         app.include_router(module.router)
     errors.install(app)
     # Multipart framing adds a little to the file itself; ONNX uploads have their own, larger limit.

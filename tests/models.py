@@ -72,6 +72,19 @@ def raw_rgb_model(path: Path, height: int | str = 64, width: int | str = 64) -> 
                  {**RGB_META, "input_format": "uint8_nhwc"})
 
 
+def argmin_model(path: Path) -> Path:
+    """Like the RGB model but picks the weakest channel: a second model with visibly different answers."""
+    x = helper.make_tensor_value_info("input_image", TensorProto.FLOAT, ["N", 3, "H", "W"])
+    y = helper.make_tensor_value_info("preds", TensorProto.UINT8, ["N", "H", "W"])
+    nodes = [helper.make_node("ArgMin", ["input_image"], ["i"], axis=1, keepdims=0),
+             helper.make_node("Cast", ["i"], ["preds"], to=TensorProto.UINT8)]
+    model = helper.make_model(helper.make_graph(nodes, "argmin", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    path.with_suffix(".json").write_text(json.dumps(RGB_META))
+    return path
+
+
 def quadrants(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """A BGR photo with red, green and blue blocks (and a red bottom-right), and its true labels."""
     labels = np.zeros((h, w), np.uint8)

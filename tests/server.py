@@ -24,14 +24,15 @@ def free_port() -> int:
 class Server:
     """`segment serve` in a child process on 127.0.0.1."""
 
-    def __init__(self, engines: Path, model: str = "rgb", env: dict | None = None):
+    def __init__(self, engines: Path, model: str = "rgb", env: dict | None = None, workers: int | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "SEGMENT_ENGINES_DIR": str(engines), "SEGMENT_MODEL": model,
                "SEGMENT_ADMIN_TOKEN": TOKEN, "SEGMENT_LOG_LEVEL": "info", **(env or {})}
         self.log = engines.parent / f"server-{self.port}.log"  # a file, so a full pipe can never stall the server
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(self.port)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(self.port),
+                                          *(["--workers", str(workers)] if workers else [])],
                                          cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -42,6 +43,22 @@ class Server:
                 time.sleep(0.2)
         self.stop()
         raise RuntimeError("server did not become ready")
+
+    def until_every_worker(self, request, check, workers: int, tries: int = 600) -> dict[int, object]:
+        """Repeat ``request()`` (a new connection each time, so the kernel spreads them over the workers) until
+        ``workers`` distinct pids (``X-Worker``) answered with ``check(response)`` true; {pid: response}."""
+        seen = {}
+        for _ in range(tries):
+            r = request()
+            if check(r):
+                seen.setdefault(int(r.headers["x-worker"]), r)
+                if len(seen) >= workers:
+                    return seen
+            else:
+                seen.pop(int(r.headers.get("x-worker", 0)), None)  # that worker has not caught up yet
+                time.sleep(0.02)
+        raise AssertionError(f"only workers {sorted(seen)} of {workers} answered as expected; last: "
+                             f"{r.status_code} {r.headers} {r.text[:300]}")
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():

@@ -3,11 +3,17 @@
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, Header, HTTPException, Query, Request
 
 from ..builds.service import Builds
+from ..serving.models import ModelSet
 from ..serving.served import ServedModel
 from ..serving.state import ServiceState
+
+
+def get_models(request: Request) -> ModelSet:
+    """This worker's model set (it follows the control store; its changes go to every worker)."""
+    return request.app.state.service.models
 
 
 def get_state(request: Request) -> ServiceState:
@@ -18,12 +24,14 @@ def get_builds(request: Request) -> Builds:
     return request.app.state.builds
 
 
-def get_model(state: Annotated[ServiceState, Depends(get_state)]):
-    """The served model, held until the response is sent, or 503 saying why there is none."""
-    with state.use_model() as model:
-        if model is None:
-            raise HTTPException(503, detail=f"no model is loaded: {state.problem}")
-        yield model
+def get_model(request: Request, state: Annotated[ServiceState, Depends(get_state)],
+              model: Annotated[str | None, Query(description="A model of the repository (default: the default "
+                                                             "model); GET /models lists them")] = None):
+    """The model asked for (``?model=NAME``, else the default), held until the response is sent: 404 for an
+    unknown name (listing the known), 409 for one not loaded (unless autoload), 503 when no default is loaded."""
+    with state.use_model(model or None) as served:
+        request.scope.setdefault("state", {})["model"] = served.name  # the metrics' model label
+        yield served
 
 
 def admitted(state: Annotated[ServiceState, Depends(get_state)]):
@@ -50,23 +58,9 @@ def require_admin(state: Annotated[ServiceState, Depends(get_state)],
         raise HTTPException(401, detail="missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"})
 
 
-def one_process(state: Annotated[ServiceState, Depends(get_state)]) -> None:
-    """409 for a change to state that lives in one worker process (the served model, the build queue) while
-    several workers serve: the others would not see it."""
-    check_one_process(state.settings.workers)
-
-
-def check_one_process(workers: int) -> None:
-    """:func:`one_process` for a route that knows only from its form whether it changes such state."""
-    if (n := workers) > 1:
-        raise HTTPException(409, detail=f"this change is not available with {n} worker processes, each with its own "
-                                        "model and build queue: build with `segment compile`, switch models by "
-                                        "restarting with SEGMENT_MODEL=NAME, or run a single-worker server")
-
-
 StateDep = Annotated[ServiceState, Depends(get_state)]
 BuildsDep = Annotated[Builds, Depends(get_builds)]
 ModelDep = Annotated[ServedModel, Depends(get_model)]
+ModelsDep = Annotated[ModelSet, Depends(get_models)]
 AdminDep = Depends(require_admin)
 AdmittedDep = Depends(admitted)
-OneProcessDep = Depends(one_process)

@@ -1,12 +1,15 @@
-"""Pure ASGI middleware: request counts and latency per route for Prometheus."""
+"""Pure ASGI middleware: request counts and latency per route (and per model) for Prometheus, and the worker's
+pid on every response (``X-Worker``)."""
 
+import os
 import time
 
 from ..serving.metrics import Metrics
 
 
 class MetricsMiddleware:
-    """Counts every HTTP request by method, route template and status, and times it by route."""
+    """Counts every HTTP request by method, route template and status, and times it by route (and by model for
+    the routes that use one); adds ``X-Worker: <pid>`` to every response."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -20,6 +23,8 @@ class MetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-worker", str(os.getpid()).encode())]
             await send(message)
 
         try:
@@ -28,3 +33,6 @@ class MetricsMiddleware:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            if model := scope.get("state", {}).get("model"):  # set by the dependency that held a model
+                self.metrics.model_requests.labels(model, route, str(status)).inc()
+                self.metrics.model_latency.labels(model).observe(time.perf_counter() - start)

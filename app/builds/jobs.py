@@ -1,99 +1,164 @@
-"""Engine builds as background jobs: one at a time, in a child process, queued in order.
+"""Engine builds as background jobs kept in the control store: any worker queues, one build runs at a time per
+machine, in the order queued, in a child process.
 
 A child process keeps TensorRT's long build (and any crash in it) away from the serving process, and can be
 killed. The child (``python -m app.builds``) is handed the typed :class:`BuildRequest` as JSON and calls the same
 ``compile_model`` as ``segment compile``, so the API and the command line build identically.
+
+Every worker runs a :class:`JobQueue` thread. When the store has a queued job, the thread tries the machine's build
+lock (``fcntl`` on ``<store>.build.lock``: released by the kernel when its holder dies); the holder claims the
+oldest queued job, runs it and writes its progress lines to the store, where every worker reads them. A job marked
+running whose owner process is gone is marked failed with that reason by the next worker that looks.
 """
 
-import itertools
+import ctypes
+import fcntl
 import logging
-import queue
+import os
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
-import time
-from dataclasses import dataclass, field
+from pathlib import Path
 
+from ..repository import ControlStore
 from .options import BuildRequest
 
 log = logging.getLogger("segment.jobs")
+POLL_S = 0.25
 
 
-@dataclass
 class Job:
-    id: str
-    name: str
-    command: list[str]
-    state: str = "queued"  # queued, running, succeeded, failed
-    progress: list[str] = field(default_factory=list)
-    error: str | None = None
-    created: float = field(default_factory=time.time)
-    started: float | None = None
-    finished: float | None = None
+    """A live view of one job in the store: each attribute read is current."""
+
+    def __init__(self, store: ControlStore, job_id: str):
+        self.store, self.id = store, job_id
 
     def view(self) -> dict:
-        return {"id": self.id, "name": self.name, "state": self.state, "progress": self.progress[-200:],
-                "error": self.error, "created": self.created, "started": self.started, "finished": self.finished}
+        """The job for the API: id, name, state (queued, running, succeeded, failed), progress tail, error,
+        who runs it, and when."""
+        job = self.store.job(self.id)
+        return {k: job[k] for k in ("id", "name", "state", "progress", "error", "owner_pid", "owner_host",
+                                    "child_pid", "created", "started", "finished")}
+
+    def __getattr__(self, name):  # state, error, progress, started, finished, ...
+        if name in ("store", "id"):
+            raise AttributeError(name)
+        return self.store.job(self.id)[name]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: the kernel kills it when the worker that started it dies (even by ``kill -9``),
+    so no orphaned build runs on."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 class JobQueue:
-    """FIFO of build jobs with a single worker thread; ``stop`` kills a running build."""
+    """This worker's share of the machine's build queue; ``stop`` kills a build it runs and fails the jobs it
+    queued that have not started."""
 
-    def __init__(self):
-        self.jobs: dict[str, Job] = {}
-        self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._ids = itertools.count(1)
+    def __init__(self, store: ControlStore | None = None):
+        # Without a store (a queue on its own, in tests and tools): a private one in a temporary folder.
+        self.store = store or ControlStore(Path(tempfile.mkdtemp(prefix="segment-jobs-")) / "control.db")
+        self.lock_path = self.store.path.with_name(self.store.path.name + ".build.lock")
+        self.pid = os.getpid()
         self._proc: subprocess.Popen | None = None
         # Guards _proc and _stopped together: without it, stop() could land after a job is marked running but
         # before its child exists, and that child would then run on unkilled.
         self._lock = threading.Lock()
         self._stopped = False
+        self._wake = threading.Event()
         self._worker = threading.Thread(target=self._work, name="engine-builds", daemon=True)
         self._worker.start()
 
     def submit(self, request: BuildRequest) -> Job:
-        """Queue a build."""
-        return self.run(request.name, [sys.executable, "-m", "app.builds", request.model_dump_json()])
+        """Queue a build (:class:`Conflict` while a build of the same name is queued or running)."""
+        return self.run(request.name, [sys.executable, "-m", "app.builds", request.model_dump_json()],
+                        request.model_dump_json())
 
-    def run(self, name: str, command: list[str]) -> Job:
+    def run(self, name: str, command: list[str], request: str | None = None) -> Job:
         """Queue any command as a job (its output lines are the job's progress)."""
-        job = Job(id=f"job-{next(self._ids)}", name=name, command=command)
-        self.jobs[job.id] = job
-        self._queue.put(job)
+        job = Job(self.store, self.store.add_job(name, command, request))
         log.info("%s queued: %s", job.id, name)
+        self._wake.set()
         return job
 
+    def job(self, job_id: str) -> Job:
+        self.store.job(job_id)  # NotFound when there is none
+        return Job(self.store, job_id)
+
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while not self._stopped:
             try:
-                with self._lock:
-                    if self._stopped:
-                        job.state, job.error = "failed", "the service stopped before this build started"
-                        continue
-                    job.state, job.started = "running", time.time()
-                    self._proc = subprocess.Popen(job.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                  text=True, bufsize=1)
-                for line in self._proc.stdout:
-                    if line := line.rstrip():
-                        job.progress.append(line)
-                        log.info("%s: %s", job.id, line)
-                code = self._proc.wait()
-                job.state = "succeeded" if code == 0 else "failed"
-                if code:
-                    job.error = next((l for l in reversed(job.progress) if "error" in l.lower()),
-                                     f"build exited with status {code}")
-            except Exception as exc:  # the job fails; the queue keeps going
-                job.state, job.error = "failed", str(exc)
+                for job_id in self.store.fail_orphaned_jobs():
+                    log.warning("%s failed: its builder died", job_id)
+                if self.store.has_queued_jobs():
+                    self._run_next()
+            except Exception:  # a locked store or a failing job: the queue keeps going
+                log.exception("build queue")
+            self._wake.wait(POLL_S)
+            self._wake.clear()
+
+    def _run_next(self) -> None:
+        """Under the machine's build lock (when free), claim and run the oldest queued job."""
+        with open(self.lock_path, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another worker or server of this machine is building; the job waits its turn
+            with self._lock:
+                if self._stopped:
+                    return
+                job = self.store.claim_next_job(self.pid)
+                if job is None:
+                    return
+                log.info("%s running: %s", job["id"], job["name"])
+                self._proc = subprocess.Popen(job["command"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              text=True, bufsize=1, preexec_fn=_die_with_parent)
+                self.store.set_child(job["id"], self._proc.pid)
+            error = None
+            try:
+                error = self._follow(job["id"], self._proc)
+            except Exception as exc:
+                error = str(exc)
             finally:
                 with self._lock:
-                    self._proc = None
-                job.finished = time.time()
-                log.info("%s %s", job.id, job.state)
+                    proc, self._proc = self._proc, None
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                self.store.finish_job(job["id"], error)
+                log.info("%s %s", job["id"], "failed: " + error if error else "succeeded")
+
+    def _follow(self, job_id: str, proc: subprocess.Popen) -> str | None:
+        """Copy each of the child's output lines to the store as it comes (builds print a few dozen); its error,
+        if any."""
+        lines = []
+        for line in proc.stdout:
+            if line := line.rstrip():
+                lines.append(line)
+                self.store.add_progress(job_id, [line])
+                log.info("%s: %s", job_id, line)
+        code = proc.wait()
+        if code == 0:
+            return None
+        if code < 0:
+            return f"the build process was killed (signal {-code}); queue the build again"
+        return next((l for l in reversed(lines) if "error" in l.lower()), f"build exited with status {code}")
 
     def stop(self) -> None:
-        """Stop taking jobs, fail the queued ones and kill a running build (its temporary files are discarded)."""
+        """Stop taking jobs, fail the jobs this worker queued that have not started, and kill a build it runs
+        (its temporary files are discarded)."""
         with self._lock:
             self._stopped = True
             if self._proc is not None:
                 self._proc.kill()
-        self._queue.put(None)
+        self._wake.set()
+        try:
+            self.store.fail_queued_jobs_of(self.pid, "the service stopped before this build started")
+        except Exception:
+            log.exception("could not fail the queued builds")

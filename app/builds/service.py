@@ -5,30 +5,37 @@ from pathlib import Path
 from ..core.errors import BuildError, Conflict, NotFound, TensorRTUnavailable
 from ..core.metadata import ModelMeta
 from ..engines import tensorrt_available
-from ..repository import ModelRepository, check_name
+from ..repository import ControlStore, ModelRepository, check_name
 from .jobs import Job, JobQueue
 from .options import BuildOptions, BuildRequest
 
 
 class Builds:
-    """Model registration and build jobs over one repository; started and stopped beside the serving state."""
+    """Model registration and build jobs over one repository; started (with the control store, where the jobs
+    live) and stopped beside the serving state."""
 
     def __init__(self, repository: ModelRepository):
         self.repository = repository
         self.jobs: JobQueue | None = None
 
-    def start(self) -> None:
-        self.jobs = JobQueue()
+    def start(self, store: ControlStore) -> None:
+        self.jobs = JobQueue(store)
 
     def stop(self) -> None:
         if self.jobs is not None:
             self.jobs.stop()
 
     def job(self, job_id: str) -> Job:
-        found = self.jobs.jobs.get(job_id) if self.jobs else None
-        if found is None:
-            raise NotFound(f"no job {job_id!r}")
-        return found
+        """A job queued by any worker (404 when there is none)."""
+        if self.jobs is None:
+            raise Conflict("the build queue is not running")
+        return self.jobs.job(job_id)
+
+    def check_free(self, name: str) -> None:
+        """409 when a model is called ``name`` or a build of ``name`` is queued or running."""
+        self.repository.ensure_free(name)
+        if self.jobs is not None:
+            self.jobs.store.check_not_building(name)
 
     def register(self, name: str, staged: Path, meta: ModelMeta | None) -> dict:
         """Check a staged ONNX upload (checker, refusal rules, dry run) and move it in as ``name``."""
@@ -49,7 +56,7 @@ class Builds:
         src = self.repository.path(source)
         if src.suffix != ".onnx":
             raise BuildError(f"source {source!r} is not an ONNX model", status_code=400)
-        self.repository.ensure_free(name)
+        self.check_free(name)
         out = self.repository.root / f"{name}{'.onnx' if options.target == 'onnxruntime' else '.engine'}"
         if self.jobs is None:
             raise Conflict("the build queue is not running")

@@ -18,7 +18,9 @@ class Settings(BaseSettings):
     engines_dir: Path = Field(
         Path("engines"), description="Model repository: ONNX files, engines, metadata JSON. Created with the bundled "
                                      "models when it does not exist yet; relative paths are from the working folder.")
-    model: str = Field(DEFAULT_MODEL, description="Served model: a file name or stem inside engines_dir.")
+    model: str = Field(DEFAULT_MODEL, description="Default model at the first start and whenever this setting changes "
+                                                  "(else the default set through the API persists): a file name or "
+                                                  "stem inside engines_dir.")
     backend: Literal["auto", "tensorrt", "onnxruntime"] = Field(
         "auto", description="auto: TensorRT for .engine/.plan files, ONNX Runtime for .onnx.")
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per CPU core).")
@@ -46,7 +48,20 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="Dynamic batching: longest wait for a batch to fill.")
     png_compression: int = Field(1, ge=0, le=9, description="PNG compression level of responses (1: fast).")
     log_level: str = Field("info", description="Server log level.")
-    workers: int = Field(1, ge=1, le=64, description="Server processes, each with its own model (and batcher).")
+    workers: int = Field(1, ge=1, le=64, description="Server processes; each loads the models the control store wants "
+                                                     "(docs/control-plane.md) with its own batcher.")
+    worker_start_timeout_s: int = Field(
+        120, ge=5, description="With several workers: how long a (re)started worker may take to load its models and "
+                               "answer uvicorn's health check before it is killed and started again (uvicorn: 5 s).")
+    control_db: Path | None = Field(
+        None, description="The control store (SQLite): models wanted loaded, the default, build jobs. Default: "
+                          ".control.db inside engines_dir. Shared by every worker of the machine.")
+    autoload: bool = Field(False, description="Load a model on its first request (?model=NAME) instead of answering "
+                                              "409; least recently used ones unloaded beyond max_loaded_models.")
+    max_loaded_models: int = Field(4, ge=1, description="Autoload: most models loaded at once (the default is never "
+                                                        "unloaded to make room; explicit loads are not limited).")
+    reconcile_interval_ms: float = Field(100.0, gt=0, le=500, description="How often each worker checks the control "
+                                                                          "store for changes.")
 
 
 @lru_cache

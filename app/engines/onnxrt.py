@@ -30,6 +30,7 @@ class OrtOptions:
     threads: int = 0  # intra-op threads, 0: one per core
     cuda_options: dict = field(default_factory=dict)  # CUDA provider options, e.g. {"prefer_nhwc": 1}
     cuda_blocking_sync: bool = False  # waits for the GPU sleep instead of spinning a CPU core
+    spin: bool = True  # idle intra-op threads spin (lowest latency for one model; off when several share the cores)
 
     @classmethod
     def from_settings(cls, settings) -> "OrtOptions":
@@ -91,6 +92,8 @@ class OrtSessionLoader(BaseLoader):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.options.threads:
             opts.intra_op_num_threads = self.options.threads
+        if not self.options.spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
 
         def session(cuda_options: dict):

@@ -2,7 +2,6 @@
 
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,7 +10,9 @@ import onnx
 from ..core.errors import Conflict, MetadataError, ModelError, NotFound
 from ..core.metadata import ModelMeta, load_meta, meta_path, save_meta, write_atomic
 from ..engines import MODEL_SUFFIXES, ONNX_SUFFIXES, check_onnx_graph, load_model
+from .control import pid_alive
 
+STAGED_PREFIX = ".upload."  # staged uploads: .upload.<pid>.<random>.onnx (+ .json)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -78,11 +79,23 @@ class ModelRepository:
         meta_path(path).unlink(missing_ok=True)
 
     def temp_upload(self, suffix: str = ".onnx") -> Path:
-        """A fresh hidden file in the repository for an upload in progress (same file system: atomic rename)."""
+        """A fresh hidden file in the repository for an upload in progress (same file system: atomic rename).
+        Its name carries this process's id, so :meth:`clean_staged` knows when its writer is gone."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload.", suffix=suffix)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f"{STAGED_PREFIX}{os.getpid()}.", suffix=suffix)
         os.close(fd)
         return Path(tmp)
+
+    def clean_staged(self) -> "list[str]":
+        """Remove staged uploads (and their metadata) left by processes that died mid-registration; those of live
+        processes (another worker's upload in progress) stay."""
+        removed = []
+        for path in self.root.glob(f"{STAGED_PREFIX}*") if self.root.is_dir() else ():
+            pid = path.name[len(STAGED_PREFIX):].split(".", 1)[0]
+            if not pid.isdigit() or not pid_alive(int(pid)):
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+        return removed
 
     def register_onnx(self, name: str, staged: Path, meta: ModelMeta | None = None) -> dict:
         """Validate a staged ONNX file (checker, refusal rules, dry run) and move it in as ``name``."""
@@ -98,9 +111,13 @@ class ModelRepository:
             save_meta(staged, meta)  # so the dry run reads it
         try:
             load_model(staged).close()  # dry run
-            shutil.move(str(staged), target)
+            # Atomic as a whole: a model is listed once NAME.onnx exists, so its metadata goes first (a metadata
+            # file with no model is never listed), and one rename publishes the model.
             if meta is not None:
                 write_atomic(meta_path(target), meta_path(staged).read_bytes())
+            else:
+                meta_path(target).unlink(missing_ok=True)  # never adopt a stale NAME.json
+            os.replace(staged, target)
         finally:
             meta_path(staged).unlink(missing_ok=True)
         return self.describe(target)

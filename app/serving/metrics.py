@@ -29,6 +29,18 @@ class Metrics:
         self.model = Gauge("segment_active_model_info", "The model being served",
                            ["name", "backend", "device", "output_kind"], multiprocess_mode="max", registry=self.registry)
         self._model_labels: tuple | None = None
+        # Per model (the control plane serves several at once): requests and latency of the model routes, the
+        # models each worker has loaded ("liveall": one series per live worker, labelled with its pid), and how
+        # long after a change in the control store a worker applied it.
+        self.model_requests = Counter("segment_model_requests", "Requests to a model by route and status",
+                                      ["model", "route", "status"], registry=self.registry)
+        self.model_latency = Histogram("segment_model_request_duration_seconds", "Request latency by model",
+                                       ["model"], registry=self.registry)
+        self.loaded = Gauge("segment_loaded_models", "Models loaded in this worker (1 loaded, 0 unloaded)",
+                            ["model"], multiprocess_mode="liveall", registry=self.registry)
+        self.reconcile_lag = Histogram("segment_reconcile_lag_seconds", "From a change in the control store to this "
+                                       "worker having applied it", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                                       registry=self.registry)
 
     def observe_stages(self, timings: dict[str, float]) -> None:
         for stage, ms in timings.items():

@@ -1,65 +1,77 @@
-"""The serving state: the model repository, the served model (swapped atomically) and admission."""
+"""The serving state: the model repository, the control store, the models served (a :class:`ModelSet`) and
+admission."""
 
+import hashlib
 import logging
+import os
+import tempfile
 import threading
 from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
 
 from ..core.config import Settings
-from ..core.errors import MetadataError, ModelError
 from ..core.resources import seed_repository
-from ..engines import OrtOptions, load_model
-from ..repository import ModelRepository
+from ..engines import MODEL_SUFFIXES, OrtOptions, load_model
+from ..repository import ControlStore, ModelRepository
 from .metrics import Metrics
+from .models import ModelSet
 from .served import ServedModel
 
 log = logging.getLogger("segment.state")
 
 
+def control_db_path(settings: Settings) -> Path:
+    """Where the control store lives: ``SEGMENT_CONTROL_DB``, else ``.control.db`` in the model repository (in the
+    temporary folder, named after the repository, when the repository is read-only)."""
+    if settings.control_db:
+        return Path(settings.control_db)
+    root = Path(settings.engines_dir)
+    if root.is_dir() and not os.access(root, os.W_OK):
+        key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"segment-control-{key}.db"
+    return root / ".control.db"
+
+
 class ServiceState:
-    """Holds the active :class:`ServedModel`; each request holds the one it started with to the end."""
+    """One worker's serving state: every request holds the model it started with to the end."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None):
         self.settings = settings
         self.repository = ModelRepository(settings.engines_dir)
         self.metrics = metrics or Metrics()
-        self.model: ServedModel | None = None
-        self.problem: str | None = "not started"
-        self._swap = threading.Lock()
+        self.store: ControlStore | None = None
+        self.models: ModelSet | None = None
         self.bench_lock = threading.Lock()  # one benchmark at a time
         self.inflight = 0
 
+    @property
+    def model(self) -> ServedModel | None:
+        """The default model, when it is loaded in this worker."""
+        return self.models.get() if self.models else None
+
+    @property
+    def problem(self) -> str | None:
+        return self.models.problem if self.models else "not started"
+
     def load(self, name: str) -> ServedModel:
-        """Load a model of the repository with the configured backend and serving options (not yet served)."""
+        """Load a model of the repository with the configured backend and serving options (not yet served).
+
+        With several models loaded, ONNX Runtime's idle threads sleep instead of spinning, so N models do not
+        keep N thread pools busy-waiting on the same cores."""
         s = self.settings
-        model = load_model(self.repository.path(name), backend=s.backend, ort=OrtOptions.from_settings(s))
+        ort = replace(OrtOptions.from_settings(s), spin=len(self.store.desired().loaded | {name}) <= 1)
+        model = load_model(self.repository.path(name), backend=s.backend, ort=ort)
         served = ServedModel.serve(model, s.batch_max, s.batch_wait_ms, self.metrics.batch_size.observe, s.gpu_decode)
         if s.gpu_decode and served.decodes_on_gpu:
             log.info("%s: JPEG uploads of %dx%d are decoded on the GPU (nvImageCodec)", name, *model.input_hw[::-1])
         return served
 
-    def activate(self, model: ServedModel) -> None:
-        """Serve ``model`` from now on; the previous one finishes its requests, then closes."""
-        with self._swap:
-            old, self.model, self.problem = self.model, model, None
-        self.metrics.set_model(model.describe())
-        if old is not None and old is not model:
-            old.retire()
-
-    def serves(self, path) -> bool:
-        """Whether the model file at ``path`` is the one being served."""
-        model = self.model
-        return model is not None and model.path.resolve() == path.resolve()
-
     @contextmanager
-    def use_model(self):
-        """The served model, held for the duration of one request (None when there is none)."""
-        with self._swap:
-            model = self.model.acquire() if self.model is not None else None
-        try:
+    def use_model(self, name: str | None = None):
+        """The model ``name`` (None: the default), held for the duration of one request."""
+        with self.models.use(name) as model:
             yield model
-        finally:
-            if model is not None:
-                model.release()
 
     @contextmanager
     def admit(self):
@@ -75,19 +87,21 @@ class ServiceState:
             self.inflight -= 1
 
     def start(self) -> None:
-        """Load the configured model, or record in plain words why none can be served."""
+        """Fill an empty repository, clean what a crash left staged, open the control store and load what it
+        wants (the default: persisted, else the configured model)."""
         s = self.settings
         seed_repository(s.engines_dir)
-        try:
-            self.activate(self.load(s.model))
-        except (ModelError, MetadataError) as exc:
-            self.problem = (f"{exc}. To serve a model, put NAME.onnx (with NAME.json) in {s.engines_dir} and set "
-                            f"SEGMENT_MODEL=NAME; export one with `segment export ...`.")
-            log.error("no model served: %s", self.problem)
+        if removed := self.repository.clean_staged():
+            log.warning("removed %d staged upload file(s) left by a process that died: %s", len(removed), removed)
+        self.store = ControlStore(control_db_path(s))
+        self.models = ModelSet(s, self.repository, self.store, self.metrics, self.load)
+        configured = s.model
+        if (suffix := Path(configured).suffix.lower()) in MODEL_SUFFIXES:
+            configured = configured[: -len(suffix)]
+        self.models.start(configured)
+        if self.model is None:
             self.metrics.set_model(None)
 
     def stop(self) -> None:
-        with self._swap:
-            model, self.model = self.model, None
-        if model is not None:
-            model.retire()
+        if self.models is not None:
+            self.models.stop()

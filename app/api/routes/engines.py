@@ -13,7 +13,7 @@ from ...core.errors import BuildError, Conflict, MetadataError, TensorRTUnavaila
 from ...core.metadata import ModelMeta
 from ...engines import tensorrt_available
 from ...repository import check_name
-from ..deps import AdminDep, BuildsDep, OneProcessDep, StateDep, check_one_process
+from ..deps import AdminDep, BuildsDep, ModelsDep, StateDep
 from ..uploads import read_upload, save_calibration_set
 
 router = APIRouter(prefix="/engines", tags=["engines"])
@@ -22,14 +22,14 @@ router = APIRouter(prefix="/engines", tags=["engines"])
 @router.get("")
 def list_engines(state: StateDep) -> dict:
     """Every model in the repository (ONNX and TensorRT), with its metadata; `active` names the served one."""
-    active = state.model.path.name if state.model else None
+    active = state.model.path.name if state.model else None  # the default model
     return {"active": active, "engines": [{**e, "active": e["file"] == active} for e in state.repository.list()]}
 
 
 @router.get("/jobs/{job_id}")
 def job(job_id: str, builds: BuildsDep) -> dict:
     """A build job: state (queued, running, succeeded, failed), progress lines, error."""
-    return builds.job(job_id).view()
+    return builds.job(job_id).view()  # from the control store: the same whichever worker queued or runs it
 
 
 @router.get("/{name}")
@@ -38,20 +38,22 @@ def get_engine(name: str, state: StateDep) -> dict:
     return state.repository.describe(state.repository.path(name))
 
 
-@router.post("/{name}/activate", dependencies=[AdminDep, OneProcessDep])
-async def activate(name: str, state: StateDep) -> dict:
-    """Serve `name` from now on. Requests in flight finish on the previous model; new ones use this one."""
-    model = await run_in_threadpool(state.load, name)
-    state.activate(model)
+@router.post("/{name}/activate", dependencies=[AdminDep])
+async def activate(name: str, models: ModelsDep) -> dict:
+    """Serve `name` by default from now on, in every worker (`POST /models/{name}/default`). Requests in flight
+    finish on the previous model; new ones use this one."""
+    model = await run_in_threadpool(models.make_default, name)
     return {"active": model.describe()}
 
 
 @router.delete("/{name}", dependencies=[AdminDep])
-def delete(name: str, state: StateDep) -> dict:
-    """Remove a model and its metadata; the served model cannot be deleted."""
+async def delete(name: str, state: StateDep, models: ModelsDep) -> dict:
+    """Remove a model and its metadata, unloaded in every worker first; the default model cannot be deleted."""
     path = state.repository.path(name)
-    if state.serves(path):
-        raise Conflict(f"{name!r} is being served; activate another model first")
+    if path.stem == models.default:
+        raise Conflict(f"{name!r} is being served as the default model; activate another model first")
+    await run_in_threadpool(models.unload, path.stem)
+    await run_in_threadpool(models.wait_unloaded_everywhere, path.stem)
     state.repository.delete(name)
     return {"deleted": path.name}
 
@@ -102,8 +104,7 @@ async def create(
     meta = parse_metadata(metadata)
     build = not (target == "onnxruntime" and precision == "fp32")
     if build:
-        check_one_process(state.settings.workers)
-        state.repository.ensure_free(name)
+        builds.check_free(name)
     if onnx is not None:
         staged = state.repository.temp_upload()
         try:

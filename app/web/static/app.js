@@ -64,7 +64,7 @@ form.addEventListener("submit", async (ev) => {
   const body = new FormData();
   body.append("image", file, file.name);
   try {
-    const res = await fetch("/segment/json", { method: "POST", body });
+    const res = await fetch(`/segment/json?model=${encodeURIComponent(chosenModel())}`, { method: "POST", body });
     const data = await res.json().catch(() => ({}));
     if (!res.ok) {
       // The plain-words message, plus the server's detail where it adds facts (sizes, limits, reasons).
@@ -80,6 +80,24 @@ form.addEventListener("submit", async (ev) => {
     submit.disabled = false;
   }
 });
+
+// The model picker: the loaded models, the default selected; the header and the next request follow the choice.
+const picker = $("model-picker");
+
+function chosenModel() {
+  return picker && picker.value ? picker.value : "";
+}
+
+function showModel() {
+  const option = picker && picker.selectedOptions[0];
+  if (!option) return;
+  $("model-name").textContent = option.value;
+  $("model-meta").textContent = option.dataset.meta;
+  $("untrained-badge").style.display = option.dataset.trained === "yes" ? "none" : "";
+  $("model-name").title = `Classes: ${JSON.parse(option.dataset.classes || "[]").join(", ")}`;
+}
+
+if (picker) picker.addEventListener("change", () => { results.hidden = true; showModel(); });
 
 function loaded(img, src) {
   return new Promise((resolve, reject) => { img.onload = resolve; img.onerror = reject; img.src = src; });
