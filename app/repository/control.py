@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS wanted (name TEXT PRIMARY KEY, since REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS workers (
     host TEXT NOT NULL, pid INTEGER NOT NULL, model TEXT NOT NULL, state TEXT NOT NULL, error TEXT,
-    memory_bytes INTEGER, updated REAL NOT NULL, PRIMARY KEY (host, pid, model));
+    memory_bytes INTEGER, generation INTEGER, serving TEXT, updated REAL NOT NULL, PRIMARY KEY (host, pid, model));
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, name TEXT NOT NULL, command TEXT NOT NULL,
     request TEXT, state TEXT NOT NULL, progress TEXT NOT NULL DEFAULT '[]', error TEXT,
@@ -171,13 +171,15 @@ class ControlStore:
 
     # ---- what each worker has ------------------------------------------------------------------------------
 
-    def report(self, pid: int, rows: dict[str, dict]) -> None:
-        """Replace what worker ``pid`` of this host reports: {model: {state, error, memory_bytes}}."""
+    def report(self, pid: int, rows: dict[str, dict], generation: int, serving: str | None) -> None:
+        """Replace what worker ``pid`` of this host reports: {model: {state, error, memory_bytes}}, the generation
+        it has applied and the default it serves (a row named "" when it has no model at all)."""
         now = time.time()
         with self.transaction() as db:
             db.execute("DELETE FROM workers WHERE host = ? AND pid = ?", (HOST, pid))
-            db.executemany("INSERT INTO workers VALUES (?, ?, ?, ?, ?, ?, ?)", [
-                (HOST, pid, name, r["state"], r.get("error"), r.get("memory_bytes"), now) for name, r in rows.items()])
+            db.executemany("INSERT INTO workers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [
+                (HOST, pid, name, r["state"], r.get("error"), r.get("memory_bytes"), generation, serving, now)
+                for name, r in (rows or {"": {"state": "none"}}).items()])
 
     def forget_worker(self, pid: int) -> None:
         with self.transaction() as db:
@@ -186,8 +188,8 @@ class ControlStore:
     def workers(self) -> list[dict]:
         """Every live worker's models (rows of dead workers of this host are dropped on the way)."""
         with self._connect() as db:
-            rows = [dict(zip(("host", "pid", "model", "state", "error", "memory_bytes", "updated"), r))
-                    for r in db.execute("SELECT * FROM workers ORDER BY pid, model")]
+            db.row_factory = sqlite3.Row
+            rows = [dict(r) for r in db.execute("SELECT * FROM workers ORDER BY pid, model")]
         dead = {r["pid"] for r in rows if r["host"] == HOST and not pid_alive(r["pid"])}
         for pid in dead:
             self.forget_worker(pid)

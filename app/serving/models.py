@@ -273,7 +273,7 @@ class ModelSet:
 
     def _report(self) -> None:
         try:
-            self.store.report(self.pid, self.states())
+            self.store.report(self.pid, self.states(), self.generation, self._default)
         except Exception:  # the admin view is late; serving goes on
             log.exception("could not report this worker's models to the control store")
 

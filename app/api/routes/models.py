@@ -14,6 +14,7 @@ def overview(models: ModelSet, names: list[str] | None = None) -> list[dict]:
     """Every model of the repository (or ``names``) with its state across the live workers."""
     desired, workers = models.store.desired(), models.store.workers()
     pids = sorted({w["pid"] for w in workers})
+    workers = [w for w in workers if w["model"]]
     out = []
     for entry in models.repository.list():
         name = entry["name"]
@@ -39,9 +40,14 @@ def overview(models: ModelSet, names: list[str] | None = None) -> list[dict]:
 def list_models(models: ModelsDep) -> dict:
     """Every model in the repository: kind, precision, input size, classes, whether it is the default, and its
     state (`loaded`, `unloaded`, `loading`, `failed` with the reason) with how many of the live workers have it
-    loaded, the host memory it took there (RSS growth at load, summed) and each worker's view."""
-    return {"default": models.default, "generation": models.generation, "worker": models.pid,
-            "loaded_here": models.loaded(), "models": overview(models)}
+    loaded, the host memory it took there (RSS growth at load, summed) and each worker's view. `workers`: every
+    live worker with the store generation it has applied and the default it serves (a worker behind the store's
+    `generation` is still catching up)."""
+    workers = {}
+    for row in models.store.workers():
+        workers[str(row["pid"])] = {"generation": row["generation"], "default": row["serving"], "host": row["host"]}
+    return {"default": models.store.desired().default, "generation": models.store.generation(),
+            "worker": models.pid, "loaded_here": models.loaded(), "workers": workers, "models": overview(models)}
 
 
 @router.post("/{name}/load", dependencies=[AdminDep])
