@@ -91,3 +91,32 @@ def test_phone_sized_screen_and_keyboard(server, browser, tmp_path):
     assert width <= 390  # no horizontal scrolling on a phone
     page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
     page.close()
+
+
+def test_model_picker_sends_the_chosen_model(server, browser):
+    """With two models loaded: the picker lists both (the default selected), the header follows the choice, and
+    the choice goes with the request."""
+    import httpx
+
+    from .server import TOKEN
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    int8 = "camvid_bisenetv2_int8"
+    assert httpx.post(f"{server.url}/models/{int8}/load", headers=auth, timeout=120).status_code == 200
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(server.url)
+        options = page.eval_on_selector_all("#model-picker option", "els => els.map(e => e.value)")
+        assert options == ["camvid_bisenetv2", int8]
+        assert page.input_value("#model-picker") == "camvid_bisenetv2"
+        page.select_option("#model-picker", int8)
+        assert page.inner_text("#model-name") == int8 and "int8" in page.inner_text("#model-meta")
+        page.set_input_files("#image", str(SAMPLE))
+        page.wait_for_selector("#preview", state="visible")
+        with page.expect_response(lambda r: "/segment/json" in r.url) as answer:
+            page.click("#submit")
+        assert f"model={int8}" in answer.value.url and answer.value.json()["model"]["name"] == int8
+        page.wait_for_selector("#results:not([hidden])", timeout=60_000)
+    finally:
+        page.close()
+        httpx.post(f"{server.url}/models/{int8}/unload", headers=auth, timeout=60)
