@@ -48,13 +48,17 @@ class Job:
         return self.store.job(self.id)[name]
 
 
+try:  # loaded here, in the parent: between fork and exec the child only calls it (no dlopen there)
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _PRCTL = None
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: the kernel kills it when the worker that started it dies (even by ``kill -9``),
     so no orphaned build runs on."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class JobQueue:
