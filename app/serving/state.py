@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..core.config import Settings
-from ..core.resources import seed_repository
+from ..core.resources import bundled_models, seed_repository
 from ..engines import MODEL_SUFFIXES, OrtOptions, load_model
 from ..repository import ControlStore, ModelRepository
 from .metrics import Metrics
@@ -23,11 +23,12 @@ log = logging.getLogger("segment.state")
 
 def control_db_path(settings: Settings) -> Path:
     """Where the control store lives: ``SEGMENT_CONTROL_DB``, else ``.control.db`` in the model repository (in the
-    temporary folder, named after the repository, when the repository is read-only)."""
+    temporary folder, named after the repository, when the repository is read-only or the package's own bundled
+    models)."""
     if settings.control_db:
         return Path(settings.control_db)
     root = Path(settings.engines_dir)
-    if root.is_dir() and not os.access(root, os.W_OK):
+    if root.is_dir() and (not os.access(root, os.W_OK) or root.resolve() == bundled_models().resolve()):
         key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
         return Path(tempfile.gettempdir()) / f"segment-control-{key}.db"
     return root / ".control.db"
