@@ -21,15 +21,41 @@ def _pil(img: Image.Image, fmt: str, **kw) -> bytes:
 
 def _png_declaring(width: int, height: int) -> bytes:
     """A tiny PNG whose header declares ``width`` x ``height`` (a decompression bomb's calling card)."""
+    return _png_chunks(width, height, 2, zlib.compress(b"\0" * 64))
+
+
+def _bomb_png(width: int, height: int, channels: int = 3) -> bytes:
+    """A real, valid black PNG of ``width`` x ``height``: a few hundred KB on the wire, gigabytes once decoded.
+
+    Built without compressing the whole image: a run of zero rows is compressed once, ending in a full flush (which
+    makes the next run's bytes independent of the first), and repeated; the checksum of N zero bytes is known."""
+    row = width * channels + 1  # filter byte + pixels
+    rows = next(n for n in range(64, 0, -1) if height % n == 0)
+    z = zlib.compressobj(9)
+    first = z.compress(b"\0" * row * rows) + z.flush(zlib.Z_FULL_FLUSH)
+    again = z.compress(b"\0" * row * rows) + z.flush(zlib.Z_FULL_FLUSH)
+    end = z.flush()[:-4]  # the final empty block, without the checksum
+    total = row * height
+    idat = first + again * (height // rows - 1) + end + struct.pack(">I", ((total % 65521) << 16) | 1)
+    return _png_chunks(width, height, 2 if channels == 3 else 0, idat)
+
+
+def _png_chunks(width: int, height: int, colour_type: int, idat: bytes) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def _bomb_png() -> bytes:
-    """A real, valid 12000x12000 black PNG: about 100 KB on the wire, 432 MB once decoded."""
-    return cv2.imencode(".png", np.zeros((12000, 12000), np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 9])[1].tobytes()
+def _ico_holding(png: bytes) -> bytes:
+    """An ICO file whose one entry is ``png`` (its directory says 256x256, whatever the PNG holds)."""
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22) + png
+
+
+def _icns_holding(png: bytes) -> bytes:
+    """An ICNS file whose one icon (type ic10) is ``png``."""
+    entry = b"ic10" + struct.pack(">I", len(png) + 8) + png
+    return b"icns" + struct.pack(">I", len(entry) + 8) + entry
 
 
 def _exif_rotated() -> bytes:
@@ -55,6 +81,9 @@ def _zip() -> bytes:
 IMG = Image.fromarray(PHOTO)
 JPEG = _pil(IMG, "JPEG", quality=90)
 PNG = _pil(IMG, "PNG")
+# Issue 23's container bombs: 1.7 GB and 768 MB of RGB pixels once decoded, each under 2 MB on the wire.
+ICO_BOMB = _ico_holding(_bomb_png(24000, 24000))
+ICNS_BOMB = _icns_holding(_bomb_png(16000, 16000))
 
 # (name, filename, content type, bytes, expected status, expected (height, width) of the mask or None)
 CASES = [
@@ -86,7 +115,15 @@ CASES = [
     ("truncated png", "t.png", "image/png", PNG[: len(PNG) // 2], 400, None),
     ("png with a broken IDAT", "b.png", "image/png", PNG[:60] + b"\0" * 200 + PNG[260:], 400, None),
     ("png declaring 100000x100000", "huge.png", "image/png", _png_declaring(100_000, 100_000), 413, None),
-    ("valid 12000x12000 png bomb", "bomb.png", "image/png", _bomb_png(), 413, None),
+    ("valid 12000x12000 png bomb", "bomb.png", "image/png", _bomb_png(12000, 12000, channels=1), 413, None),
+    ("ico holding a 24000x24000 png", "bomb.ico", "image/x-icon", ICO_BOMB, 415, None),
+    ("icns holding a 16000x16000 png", "bomb.icns", "image/icns", ICNS_BOMB, 415, None),
+    ("ico holding a png that declares 100000x100000", "d.ico", "image/x-icon",
+     _ico_holding(_png_declaring(100_000, 100_000)), 415, None),
+    ("ppm (OpenCV reads it; not on the allow-list)", "a.ppm", "image/x-portable-pixmap", _pil(IMG, "PPM"), 415, None),
+    ("tga", "a.tga", "image/x-tga", _pil(IMG, "TGA"), 415, None),
+    ("pcx", "a.pcx", "image/x-pcx", _pil(IMG, "PCX"), 415, None),
+    ("psd-like header", "a.psd", "image/vnd.adobe.photoshop", b"8BPS\x00\x01" + b"\0" * 200, 415, None),
     ("svg", "a.svg", "image/svg+xml",
      b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>', 415, None),
     ("zip", "a.zip", "application/zip", _zip(), 415, None),

@@ -1,14 +1,15 @@
 """FastAPI dependencies: the serving state, the served model, admission, the builds, admin authentication."""
 
-import secrets
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Query, Request
 
 from ..builds.service import Builds
 from ..serving.models import ModelSet
+from ..serving.budget import Reservation
 from ..serving.served import ServedModel
 from ..serving.state import ServiceState
+from .admin import check_admin
 
 
 def get_models(request: Request) -> ModelSet:
@@ -43,24 +44,27 @@ def admitted(state: Annotated[ServiceState, Depends(get_state)]):
         yield
 
 
+def pixels(request: Request):
+    """This request's share of the decoded-pixel budget (``SEGMENT_MAX_PIXELS_INFLIGHT``), taken from the image
+    header before decoding and given back once the response is done."""
+    reservation = Reservation(request.app.state.pixels)
+    try:
+        yield reservation
+    finally:
+        reservation.release()
+
+
 def require_admin(state: Annotated[ServiceState, Depends(get_state)],
                   authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> None:
-    """``Authorization: Bearer <SEGMENT_ADMIN_TOKEN>``, compared in constant time."""
-    s = state.settings
-    if s.admin_token is None:
-        if s.allow_unauthenticated_admin:
-            return
-        raise HTTPException(403, detail="admin routes are disabled: set SEGMENT_ADMIN_TOKEN and send "
-                                        "'Authorization: Bearer <token>' (or, for local development only, "
-                                        "SEGMENT_ALLOW_UNAUTHENTICATED_ADMIN=true)")
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), s.admin_token.get_secret_value().encode()):
-        raise HTTPException(401, detail="missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"})
+    """The admin token (``admin.AdminGate`` has already checked it, before the body, for every route declaring
+    this dependency; checked again here so a route is never open by the gate's omission)."""
+    check_admin(state.settings, authorization)
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]
 BuildsDep = Annotated[Builds, Depends(get_builds)]
 ModelDep = Annotated[ServedModel, Depends(get_model)]
 ModelsDep = Annotated[ModelSet, Depends(get_models)]
+PixelsDep = Annotated[Reservation, Depends(pixels)]
 AdminDep = Depends(require_admin)
 AdmittedDep = Depends(admitted)

@@ -4,11 +4,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from ..core.errors import ServiceError
+from ..core.errors import ServiceError, StorageError
 
 
 async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def storage_error(request: Request, exc: OSError) -> JSONResponse:
+    """A full or read-only repository (ENOSPC, EROFS, EACCES...) wherever it is met: 507 or 503 with a detail,
+    never a bare 500; any other OSError is a bug and stays one."""
+    if (known := StorageError.of(exc)) is None:
+        raise exc
+    return await service_error(request, known)
 
 
 async def invalid_options(request: Request, exc: ValidationError) -> JSONResponse:
@@ -20,4 +28,5 @@ async def invalid_options(request: Request, exc: ValidationError) -> JSONRespons
 def install(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
     app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(OSError, storage_error)
     app.add_exception_handler(ValidationError, invalid_options)

@@ -7,6 +7,11 @@ import time
 from ..serving.metrics import Metrics
 
 
+# Label values come only from fixed sets, so no client can grow the metrics without limit: a made-up method counts
+# as "other", a path no route matches as "unmatched" (matched paths are counted by their route's template).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class MetricsMiddleware:
     """Counts every HTTP request by method, route template and status, and times it by route (and by model for
     the routes that use one); adds ``X-Worker: <pid>`` to every response."""
@@ -31,7 +36,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, recording_send)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
             if model := scope.get("state", {}).get("model"):  # set by the dependency that held a model
                 self.metrics.model_requests.labels(model, route, str(status)).inc()

@@ -4,7 +4,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "camvid_bisenetv2"
@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     gpu_decode: bool = Field(
         False, description="JPEG uploads decoded on the GPU (nvImageCodec) for raw-pixel models on CUDA at their "
                            "size. Run NVIDIA MPS with several workers: without it, decodes stalled for seconds.")
-    admin_token: SecretStr | None = Field(None, description="Bearer token for admin routes.")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for admin routes. Empty or only whitespace counts as unset (admin routes off).")
     allow_unauthenticated_admin: bool = Field(
         False, description="Local development only: admin routes without a token when none is set.")
     max_onnx_bytes: int = Field(512 * 2**20, gt=0, description="Largest ONNX upload to POST /engines (413 beyond).")
@@ -43,6 +44,12 @@ class Settings(BaseSettings):
     max_pixels: int = Field(50_000_000, gt=0, description="Largest accepted image, width x height (413 beyond).")
     min_side: int = Field(1, ge=1, description="Smallest accepted image side in pixels (400 below).")
     max_inflight: int = Field(32, ge=1, description="Segmentation requests admitted at once (503 + Retry-After beyond).")
+    max_pixels_inflight: int = Field(
+        200_000_000, gt=0, description="Decoded image pixels, width x height, held by all requests in flight together; "
+                                       "a request that would pass it gets 503 + Retry-After. At least max_pixels.")
+    body_timeout_s: float = Field(120.0, gt=0, description="Longest time to receive a request body (408 beyond).")
+    body_idle_timeout_s: float = Field(
+        15.0, gt=0, description="Longest wait for the next piece of a request body (408 beyond).")
     max_dynamic_side: int = Field(2048, ge=32, description="Longest side fed to a model with dynamic H/W.")
     batch_max: int = Field(1, ge=1, le=256, description="Dynamic batching: most images per runner call (1: off).")
     batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="Dynamic batching: longest wait for a batch to fill.")
@@ -62,6 +69,19 @@ class Settings(BaseSettings):
                                                         "unloaded to make room; explicit loads are not limited).")
     reconcile_interval_ms: float = Field(100.0, gt=0, le=500, description="How often each worker checks the control "
                                                                           "store for changes.")
+
+    @field_validator("admin_token", mode="after")
+    @classmethod
+    def _blank_token_is_unset(cls, token: SecretStr | None) -> SecretStr | None:
+        # An empty token would match an empty ``Authorization: Bearer``: never a token, always "no token".
+        return token if token is not None and token.get_secret_value().strip() else None
+
+    @model_validator(mode="after")
+    def _one_image_fits_the_budget(self):
+        if self.max_pixels_inflight < self.max_pixels:
+            raise ValueError(f"max_pixels_inflight ({self.max_pixels_inflight:,}) must be at least max_pixels "
+                             f"({self.max_pixels:,}): an image within the limit could otherwise never be served")
+        return self
 
 
 @lru_cache

@@ -50,6 +50,20 @@ ADE20K_NAMES = [n.strip() for n in (
 ).split(",")]
 
 
+# The colour of a class id a model outputs beyond its classes (a model and its metadata that disagree): one fixed,
+# loud colour, named "unknown (id N)", rather than a crash or a colour borrowed from another class.
+UNKNOWN_COLOUR = (255, 0, 255)
+
+
+def serving_palette(palette: list, num_classes: int) -> list[tuple[int, int, int]]:
+    """The palette a model is served with: a colour for each of its ``num_classes`` classes (named ones first,
+    generated ones after), then :data:`UNKNOWN_COLOUR` up to 256 rows (any uint8 id indexes it) or, past 256
+    classes, one row more (the row wider ids are clamped to)."""
+    colours = list(palette[:num_classes])
+    colours += generated_palette(num_classes)[len(colours):]
+    return colours + [UNKNOWN_COLOUR] * (max(256, num_classes + 1) - num_classes)
+
+
 def generated_palette(n: int) -> list[tuple[int, int, int]]:
     """``n`` well-separated colours (golden-ratio hue steps), for class sets without published colours."""
     out = []

@@ -3,15 +3,19 @@
 Lower layers raise these; only the HTTP layer turns them into responses, so no route needs a try/except.
 """
 
+import errno
+
 TENSORRT_HINT = ("TensorRT is not installed here. On an NVIDIA GPU host install it with "
                  "`pip install '.[tensorrt]'`, or run the GPU Docker image; ONNX models keep working "
                  "through ONNX Runtime meanwhile.")
 
 
 class ServiceError(ValueError):
-    """Base of every error the service explains to its client; ``status_code`` is the HTTP answer."""
+    """Base of every error the service explains to its client; ``status_code`` is the HTTP answer, ``headers``
+    any headers that go with it."""
 
     status_code = 400
+    headers: dict[str, str] | None = None
 
     def __init__(self, detail: str, status_code: int | None = None):
         super().__init__(detail)
@@ -49,6 +53,29 @@ class TensorRTUnavailable(ModelError):
 
     def __init__(self, detail: str = TENSORRT_HINT):
         super().__init__(detail)
+
+
+class Overloaded(ServiceError):
+    """Too much work in flight to take this request now; the client should retry shortly."""
+
+    status_code = 503
+    headers = {"Retry-After": "1"}
+
+
+class StorageError(ServiceError):
+    """The model repository cannot be written: the disk is full (507) or read-only / not writable (503)."""
+
+    STATUS = {errno.ENOSPC: 507, errno.EDQUOT: 507, errno.EROFS: 503, errno.EACCES: 503, errno.EPERM: 503}
+
+    @classmethod
+    def of(cls, exc: OSError) -> "StorageError | None":
+        """The error to answer for ``exc``, or None when it is not a storage condition the client can be told."""
+        status = cls.STATUS.get(exc.errno)
+        if status is None:
+            return None
+        why = "is full" if status == 507 else "is read-only or not writable"
+        return cls(f"the model repository {why} ({exc.strerror or errno.errorcode.get(exc.errno)}); "
+                   "the server keeps serving the models it has", status)
 
 
 class MetadataError(ServiceError):

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..core.datasets import generated_palette
+from ..core.datasets import serving_palette
 from ..core.errors import ModelError
 from ..core.metadata import load_meta
 from . import onnxrt, tensorrt
@@ -119,8 +119,7 @@ def _inspect(path: Path, meta, runtime) -> SegmentationModel:
     if out.shape[-2:] != (h, w):
         raise ModelError(f"{path.name}: output is {out.shape[-2]}x{out.shape[-1]} for a {h}x{w} input; "
                          "expected full-resolution predictions")
-    palette = list(meta.palette)
-    if len(palette) < model.num_classes:  # more classes than named colours: extend, never index out of range
-        palette += generated_palette(model.num_classes)[len(palette):]
-    model.palette = np.ascontiguousarray(np.asarray(palette, np.uint8))
+    # A dry run on zeros cannot show which ids a labels model outputs, so the palette covers every id instead: ids
+    # past the classes get the unknown colour (and are named so), never an index out of range.
+    model.palette = np.ascontiguousarray(np.asarray(serving_palette(meta.palette, model.num_classes), np.uint8))
     return model

@@ -13,12 +13,16 @@ from ..engines import MODEL_SUFFIXES, ONNX_SUFFIXES, check_onnx_graph, load_mode
 from .control import pid_alive
 
 STAGED_PREFIX = ".upload."  # staged uploads: .upload.<pid>.<random>.onnx (+ .json)
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# ASCII letters and digits, then also '_' and '-', 64 at most; always matched whole (``fullmatch``: ``$`` would let a
+# trailing newline through). No dots: a name becomes NAME.onnx / NAME.engine / NAME.json, and a dot would make
+# "a.onnx" both a name and a file, or let a name end in a model suffix.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 def check_name(name: str) -> str:
-    """A model name: letters, digits, '_' and '-', so it can never be a path."""
-    if not NAME_RE.match(name):
+    """A model name: letters, digits, '_' and '-', so it can never be a path; the one check every route, the
+    builds and the repository use."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ModelError(f"invalid model name {name!r}: use 1-64 letters, digits, '_' or '-' (no dots or slashes)")
     return name
 
@@ -69,7 +73,7 @@ class ModelRepository:
         if not self.root.is_dir():
             return []
         files = [p for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES
-                 and not p.name.startswith(".") and NAME_RE.match(p.stem)]
+                 and not p.name.startswith(".") and NAME_RE.fullmatch(p.stem)]
         return [self.describe(p) for p in sorted(files)]
 
     def delete(self, name: str) -> None:

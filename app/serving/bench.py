@@ -9,7 +9,7 @@ import numpy as np
 
 from ..core.resources import sample_image
 from ..engines import SegmentationModel
-from .imaging import decode
+from .imaging import check_header, decode
 from .pipeline import input_size, preprocess, render, segment_bytes
 
 MAX_ITERATIONS = 100_000
@@ -22,6 +22,7 @@ class BenchConfig:
     mode: Literal["engine", "e2e"] = "engine"
     iterations: int = 100
     seconds: float | None = None  # stop early once this much time has been spent timing
+    deadline_s: float | None = None  # the whole run, warm-up included, stops after this long (>= 1 timed iteration)
     warmup_iterations: int = 10
     warmup_seconds: float | None = None
     batch: int = 1
@@ -56,8 +57,21 @@ def _fed_size(model: SegmentationModel, cfg: BenchConfig, image_hw: tuple[int, i
     return cfg.size
 
 
+def fed_size(model: SegmentationModel, cfg: BenchConfig) -> tuple[int, int]:
+    """(H, W) each step feeds the model, from the image's header alone: for checking a run's bounds before it."""
+    width, height, _ = check_header(Path(cfg.image).read_bytes(), 1 << 62)
+    if cfg.mode == "engine":
+        return _fed_size(model, cfg, (height, width))
+    return input_size(model, height, width, cfg.max_side)
+
+
 def run(model: SegmentationModel, cfg: BenchConfig, progress: Callable[[int], None] | None = None) -> dict:
     """Benchmark ``model``; ``progress(n)`` is called after each timed iteration."""
+    begun = time.perf_counter()
+
+    def out_of_time() -> bool:
+        return cfg.deadline_s is not None and time.perf_counter() - begun >= cfg.deadline_s
+
     data = Path(cfg.image).read_bytes()
     image = decode(data, 1 << 62)  # real pixels: the input is prepared once from them
     stages: dict[str, list[float]] = {}
@@ -81,7 +95,8 @@ def run(model: SegmentationModel, cfg: BenchConfig, progress: Callable[[int], No
                 stages.setdefault(k, []).append(v)
 
     warm_start, done = time.perf_counter(), 0
-    while done < cfg.warmup_iterations or (cfg.warmup_seconds and time.perf_counter() - warm_start < cfg.warmup_seconds):
+    while (done < cfg.warmup_iterations or (cfg.warmup_seconds and time.perf_counter() - warm_start < cfg.warmup_seconds)) \
+            and not out_of_time():
         step()
         done += 1
     stages.clear()
@@ -94,7 +109,7 @@ def run(model: SegmentationModel, cfg: BenchConfig, progress: Callable[[int], No
         latencies.append((time.perf_counter() - t) * 1000.0)
         if progress:
             progress(i + 1)
-        if cfg.seconds is not None and time.perf_counter() - start >= cfg.seconds:
+        if (cfg.seconds is not None and time.perf_counter() - start >= cfg.seconds) or out_of_time():
             break
     wall = time.perf_counter() - start
     ms = np.asarray(latencies)

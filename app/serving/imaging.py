@@ -8,7 +8,7 @@ import zlib
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..core.errors import ImageError
 
@@ -16,37 +16,45 @@ from ..core.errors import ImageError
 Image.MAX_IMAGE_PIXELS = None
 
 
-# Leading bytes of the formats we decode: a file that starts like one but cannot be parsed is damaged (400),
-# not of an unsupported type (415).
-SIGNATURES = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png", b"GIF8": "gif", b"BM": "bmp",
+# The allow-list: the formats we decode, by their leading bytes. Anything else is refused (415) from these bytes
+# alone, before any parser sees it: the image library reads many more formats (ICO, ICNS, PSD, ...), some of them
+# containers whose real image is only found, and decoded, when the file is opened (an ICO's 256x256 entry can hold a
+# 24000x24000 PNG). A file that starts like an allowed format but cannot be parsed is damaged (400).
+SIGNATURES = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png", b"GIF87a": "gif", b"GIF89a": "gif", b"BM": "bmp",
               b"II*\x00": "tiff", b"MM\x00*": "tiff"}
+ALLOWED = "JPEG, PNG, BMP, WebP, TIFF or GIF"
+
+
+def sniff(data: bytes) -> str | None:
+    """The allowed format ``data`` starts as, by its magic bytes, or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((fmt for sig, fmt in SIGNATURES.items() if data.startswith(sig)), None)
 
 
 def probe(data: bytes) -> tuple[int, int, str]:
-    """(width, height, format) from the header alone, without decoding pixels."""
+    """(width, height, format) from the header alone, without decoding pixels: the format from the magic bytes
+    (415 when it is not allowed), the size from that format's own header parser (Pillow's plugin for it, and no
+    other)."""
+    fmt = sniff(data)
+    if fmt is None:
+        raise ImageError(415, f"unsupported or unrecognised image format; send {ALLOWED}")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.width, im.height, (im.format or "unknown").lower()
-    except UnidentifiedImageError:
-        fmt = next((f for sig, f in SIGNATURES.items() if data.startswith(sig)), None)
-        if fmt is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-            fmt = "webp"
-        if fmt:
-            raise ImageError(400, f"the {fmt.upper()} image is corrupt or truncated") from None
-        raise ImageError(415, "unsupported or unrecognised image format; send JPEG, PNG, BMP, WebP or TIFF") from None
-    except Exception as exc:  # a header that lies or is cut short
-        raise ImageError(400, f"the image header could not be read ({exc.__class__.__name__})") from None
+        with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as im:
+            return im.width, im.height, fmt
+    except Exception:  # no valid header of its format (Pillow raises several types), or one cut short
+        raise ImageError(400, f"the {fmt.upper()} image is corrupt or truncated") from None
 
 
 def _undecodable(data: bytes, fmt: str) -> ImageError:
     """Why OpenCV could not decode: a variant it does not support (415) or damaged data (400)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
+    try:  # only after the size check: the format is allowed and its pixels are within the limit
+        with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as im:
             im.load()
             mode = im.mode
     except Exception:
         return ImageError(400, f"the {fmt.upper()} image is corrupt or truncated")
-    return ImageError(415, f"unsupported image: {fmt.upper()} with {mode} pixels; send JPEG, PNG, BMP, WebP or TIFF")
+    return ImageError(415, f"unsupported image: {fmt.upper()} with {mode} pixels; send {ALLOWED}")
 
 
 def check_header(data: bytes, max_pixels: int, min_side: int = 1) -> tuple[int, int, str]:
@@ -86,7 +94,11 @@ def decode_pixels(data: bytes, fmt: str) -> np.ndarray:
 
 
 def colorize(labels: np.ndarray, palette_bgr: np.ndarray) -> np.ndarray:
-    """Class ids [H,W] to a BGR colour image, by one table lookup."""
+    """Class ids [H,W] to a BGR colour image, by one table lookup. Ids the palette does not cover take its last
+    colour (a served model's palette ends in the unknown colour), so no id can index out of range."""
+    last = len(palette_bgr) - 1
+    if labels.dtype != np.uint8 or last < 255:  # a uint8 id always fits a 256-row palette: the common fast path
+        labels = np.where((labels < 0) | (labels > last), last, labels)
     return palette_bgr[labels]
 
 

@@ -59,13 +59,19 @@ class Segmentation:
     timings: dict[str, float] = field(default_factory=dict)
 
     def class_shares(self, model: SegmentationModel) -> list[dict]:
-        """The classes present, largest first: id, name, colour (hex), pixel count and percentage."""
+        """The classes present, largest first: id, name, colour (hex), pixel count and percentage. Ids past the
+        model's classes are named "unknown (id N)", in the palette's unknown colour."""
         counts = np.bincount(self.labels.ravel(), minlength=model.num_classes)
         total = int(counts.sum())
-        names = model.meta.class_names
-        return [{"id": i, "name": names[i] if i < len(names) else f"class {i}",
-                 "color": "#{:02x}{:02x}{:02x}".format(*model.palette[i]), "pixels": int(n),
-                 "percent": 100.0 * int(n) / total}
+        names, palette, n_classes = model.meta.class_names, model.palette, model.num_classes
+
+        def name(i: int) -> str:
+            if i >= n_classes:
+                return f"unknown (id {i})"
+            return names[i] if i < len(names) else f"class {i}"
+
+        return [{"id": i, "name": name(i), "color": "#{:02x}{:02x}{:02x}".format(*palette[min(i, len(palette) - 1)]),
+                 "pixels": int(n), "percent": 100.0 * int(n) / total}
                 for i, n in sorted(enumerate(counts), key=lambda kv: -kv[1]) if n]
 
 
@@ -83,15 +89,16 @@ class Stopwatch:
 
 
 def segment_bytes(model: SegmentationModel, data: bytes, max_pixels: int, max_side: int,
-                  min_side: int = 1, gpu_decode: bool = False) -> Segmentation:
+                  min_side: int = 1, gpu_decode: bool = False,
+                  header: tuple[int, int, str] | None = None) -> Segmentation:
     """Decode and segment one upload; raises ``ImageError`` for unusable input.
 
     With ``gpu_decode`` (for a served model that decodes on the GPU), a JPEG at the model's own size goes straight
     from nvImageCodec into the model; the result then has no photo. Anything else, or a JPEG that nvImageCodec
     declines or that does not end as a JPEG must (cut short, or with bytes after it), is decoded on the CPU, which
-    explains damage."""
+    explains damage. ``header``: what :func:`check_header` found, when the caller has already checked it."""
     watch = Stopwatch()
-    width, height, fmt = check_header(data, max_pixels, min_side)
+    width, height, fmt = header or check_header(data, max_pixels, min_side)
     if gpu_decode and fmt == "jpeg" and (height, width) == model.input_hw and jpeg_complete(data):
         image = gpu.decode(data)
         if image is not None and tuple(image.shape) == (height, width, 3):  # EXIF rotation may swap sides
