@@ -109,12 +109,15 @@ def status_of(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1])
 
 
+PART = b'--zz\r\nContent-Disposition: form-data; name="onnx"; filename="m.onnx"\r\n\r\n'
+
+
 def test_admin_upload_refused_before_its_body_is_read(server):
-    # 200 MB declared, 100 bytes sent: the refusal must come without waiting for the rest.
+    # 200 MB declared, the start of a valid form sent: the refusal must come without waiting for the rest.
     head = ("POST /engines HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
             "Content-Length: 200000000\r\n\r\n")
     for auth in ("", "Authorization: Bearer wrong\r\n", "Authorization: Bearer\r\n"):
-        answer = raw_request(server, head.replace("\r\n\r\n", f"\r\n{auth}\r\n"), [b"x" * 100], wait=10)
+        answer = raw_request(server, head.replace("\r\n\r\n", f"\r\n{auth}\r\n"), [PART], wait=10)
         assert status_of(answer) == 401 and b"admin token" in answer
     assert raw_request(server, "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
 
@@ -122,9 +125,8 @@ def test_admin_upload_refused_before_its_body_is_read(server):
 def test_trickling_upload_is_cut_off_with_408(server):
     head = ("POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
             "Content-Length: 100000\r\n\r\n")
-    part = b'--zz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
     # One byte every 0.3 s never trips the 1 s idle limit; the 3 s total limit cuts it off.
-    trickle = raw_request(server, head, [part] + [b"\0"] * 100, pause=0.3)
+    trickle = raw_request(server, head, [PART.replace(b"onnx", b"image")] + [b"\0"] * 100, pause=0.3)
     # Nothing after the headers: the idle limit.
     idle = raw_request(server, head)
     for answer, why in ((trickle, b"3 s"), (idle, b"1 s")):
@@ -181,6 +183,7 @@ def test_decoded_pixels_in_flight_are_bounded(engines):
 def test_pixel_budget_cannot_be_below_one_image():
     with pytest.raises(ValueError, match="max_pixels_inflight"):
         Settings(max_pixels=1000, max_pixels_inflight=999)
+    assert Settings(max_pixels=300_000_000).max_pixels_inflight == 300_000_000  # the default follows
 
 
 # --- 6. /bench bounded ------------------------------------------------------------------------------------------

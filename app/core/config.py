@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     max_inflight: int = Field(32, ge=1, description="Segmentation requests admitted at once (503 + Retry-After beyond).")
     max_pixels_inflight: int = Field(
         200_000_000, gt=0, description="Decoded image pixels, width x height, held by all requests in flight together; "
-                                       "a request that would pass it gets 503 + Retry-After. At least max_pixels.")
+                                       "a request that would pass it gets 503 + Retry-After. At least max_pixels (raised to it when unset).")
     body_timeout_s: float = Field(120.0, gt=0, description="Longest time to receive a request body (408 beyond).")
     body_idle_timeout_s: float = Field(
         15.0, gt=0, description="Longest wait for the next piece of a request body (408 beyond).")
@@ -78,7 +78,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _one_image_fits_the_budget(self):
-        if self.max_pixels_inflight < self.max_pixels:
+        if self.max_pixels_inflight < self.max_pixels and "max_pixels_inflight" not in self.model_fields_set:
+            self.max_pixels_inflight = self.max_pixels  # the default budget grows with a raised per-image limit
+        elif self.max_pixels_inflight < self.max_pixels:
             raise ValueError(f"max_pixels_inflight ({self.max_pixels_inflight:,}) must be at least max_pixels "
                              f"({self.max_pixels:,}): an image within the limit could otherwise never be served")
         return self
