@@ -250,6 +250,31 @@ def test_full_or_read_only_repository_answers_json_and_keeps_serving(engines, mo
     assert (engines / "spare.onnx").exists()
 
 
+def test_read_only_control_store_answers_json_and_keeps_serving(engines, monkeypatch):
+    """The desired-state database in the repository refusing writes (SQLite's own READONLY, through
+    ``PRAGMA query_only``): a change answers 503 with a detail, segmentation goes on."""
+    from contextlib import contextmanager
+
+    from app.repository import ControlStore
+
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    rgb_model(engines / "spare.onnx", height="H", width="W")
+    with make_client(engines, "rgb", admin_token="t") as c:
+        original = ControlStore._connect
+
+        @contextmanager
+        def read_only(self):
+            with original(self) as db:
+                db.execute("PRAGMA query_only=ON")
+                yield db
+
+        with monkeypatch.context() as m:
+            m.setattr(ControlStore, "_connect", read_only)
+            r = c.post("/models/spare/default", headers=ADMIN)
+        assert r.status_code == 503 and "read-only" in r.json()["detail"], r.text
+        assert post_image(c, png_bytes(quadrants(32, 32)[0])).status_code == 200
+
+
 # --- 11. class ids beyond the model's classes --------------------------------------------------------------------
 
 def offset_labels_model(path: pathlib.Path, offset: int) -> pathlib.Path:

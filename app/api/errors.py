@@ -1,5 +1,7 @@
 """Errors to HTTP, in one place: every :class:`ServiceError` becomes its status with a JSON ``detail``."""
 
+import sqlite3
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -11,9 +13,9 @@ async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
-async def storage_error(request: Request, exc: OSError) -> JSONResponse:
-    """A full or read-only repository (ENOSPC, EROFS, EACCES...) wherever it is met: 507 or 503 with a detail,
-    never a bare 500; any other OSError is a bug and stays one."""
+async def storage_error(request: Request, exc: Exception) -> JSONResponse:
+    """A full or read-only repository (ENOSPC, EROFS, EACCES..., or SQLite's FULL and READONLY for the control
+    store) wherever it is met: 507 or 503 with a detail, never a bare 500; any other such error stays a 500."""
     if (known := StorageError.of(exc)) is None:
         raise exc
     return await service_error(request, known)
@@ -29,4 +31,5 @@ def install(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(OSError, storage_error)
+    app.add_exception_handler(sqlite3.OperationalError, storage_error)
     app.add_exception_handler(ValidationError, invalid_options)

@@ -63,19 +63,25 @@ class Overloaded(ServiceError):
 
 
 class StorageError(ServiceError):
-    """The model repository cannot be written: the disk is full (507) or read-only / not writable (503)."""
+    """The model repository cannot be written: the disk is full (507) or read-only / not writable (503). The one
+    mapping from an operating-system or SQLite error to an answer (``api/errors.py`` applies it to every route)."""
 
     STATUS = {errno.ENOSPC: 507, errno.EDQUOT: 507, errno.EROFS: 503, errno.EACCES: 503, errno.EPERM: 503}
+    SQLITE_STATUS = {13: 507, 8: 503}  # SQLITE_FULL, SQLITE_READONLY (primary codes, extended ones masked)
 
     @classmethod
-    def of(cls, exc: OSError) -> "StorageError | None":
-        """The error to answer for ``exc``, or None when it is not a storage condition the client can be told."""
-        status = cls.STATUS.get(exc.errno)
+    def of(cls, exc: Exception) -> "StorageError | None":
+        """The error to answer for ``exc`` (an ``OSError`` or a ``sqlite3.Error``), or None when it is not a storage
+        condition the client can be told."""
+        if isinstance(exc, OSError):
+            status, why = cls.STATUS.get(exc.errno), exc.strerror or errno.errorcode.get(exc.errno)
+        else:
+            status = cls.SQLITE_STATUS.get((getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF)
+            why = f"control store: {exc}"
         if status is None:
             return None
-        why = "is full" if status == 507 else "is read-only or not writable"
-        return cls(f"the model repository {why} ({exc.strerror or errno.errorcode.get(exc.errno)}); "
-                   "the server keeps serving the models it has", status)
+        state = "is full" if status == 507 else "is read-only or not writable"
+        return cls(f"the model repository {state} ({why}); the server keeps serving the models it has", status)
 
 
 class MetadataError(ServiceError):
