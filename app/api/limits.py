@@ -25,7 +25,8 @@ class BodyLimitMiddleware:
         limit = self.limit_for(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
-            return await self._refuse(send, 413, f"request body of {int(declared):,} bytes is over the {limit:,}-byte limit")
+            return await self._refuse(send, 413,
+                                      f"request body of {int(declared):,} bytes is over the {limit:,}-byte limit")
         deadline = time.monotonic() + self.timeout_s
         received, refusal, refused, body_done = 0, None, False, False
 

@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     max_inflight: int = Field(32, ge=1, description="Segmentation requests admitted at once (503 + Retry-After beyond).")
     max_pixels_inflight: int = Field(
         200_000_000, gt=0, description="Decoded image pixels, width x height, held by all requests in flight together; "
-                                       "a request that would pass it gets 503 + Retry-After. At least max_pixels (raised to it when unset).")
+                                       "a request that would pass it gets 503 + Retry-After. At least max_pixels "
+                                       "(raised to it when unset).")
     body_timeout_s: float = Field(120.0, gt=0, description="Longest time to receive a request body (408 beyond).")
     body_idle_timeout_s: float = Field(
         15.0, gt=0, description="Longest wait for the next piece of a request body (408 beyond).")

@@ -95,8 +95,13 @@ def run(model: SegmentationModel, cfg: BenchConfig, progress: Callable[[int], No
                 stages.setdefault(k, []).append(v)
 
     warm_start, done = time.perf_counter(), 0
-    while (done < cfg.warmup_iterations or (cfg.warmup_seconds and time.perf_counter() - warm_start < cfg.warmup_seconds)) \
-            and not out_of_time():
+
+    def warming() -> bool:
+        wanted = done < cfg.warmup_iterations or (
+            cfg.warmup_seconds and time.perf_counter() - warm_start < cfg.warmup_seconds)
+        return bool(wanted) and not out_of_time()
+
+    while warming():
         step()
         done += 1
     stages.clear()
