@@ -7,10 +7,10 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from .api import errors
+from .api import errors, tracing
 from .api.limits import BodyLimitMiddleware
 from .api.middleware import MetricsMiddleware
-from .api.routes import bench, engines, health, models, page, segment
+from .api.routes import bench, engines, health, models, page, segment, v2
 from .builds.service import Builds
 from .core.config import Settings, get_settings
 from .core.resources import web_dir
@@ -36,16 +36,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         builds.stop()
         state.stop()
+        if app.state.tracing is not None:
+            app.state.tracing.shutdown()
 
     app = FastAPI(title="bisenet-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.service, app.state.builds = state, builds
     app.state.templates = Jinja2Templates(directory=web_dir("templates"))
     app.mount("/static", StaticFiles(directory=web_dir("static")), name="static")
-    for module in (segment, engines, health, models, bench, page):
+    for module in (segment, engines, health, models, bench, page, v2):
         app.include_router(module.router)
     errors.install(app)
     # Multipart framing adds a little to the file itself; ONNX uploads have their own, larger limit.
     app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: 65536 + (
         max(settings.max_onnx_bytes, settings.max_upload_bytes) if path == "/engines" else settings.max_upload_bytes))
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.state.tracing = tracing.install(app, settings)  # last added, so outermost
     return app

@@ -18,8 +18,10 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         limit = self.limit_for(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length", b"")
+        # The Open Inference Protocol's routes answer errors as {"error": ...}; the others as {"detail": ...}.
+        key = "error" if scope["path"].startswith("/v2/") else "detail"
         if declared.isdigit() and int(declared) > limit:
-            return await self._refuse(send, f"request body of {int(declared):,} bytes is over the {limit:,}-byte limit")
+            return await self._refuse(send, key, f"request body of {int(declared):,} bytes is over the {limit:,}-byte limit")
         received, exceeded, refused = 0, False, False
 
         async def counting_receive():
@@ -40,7 +42,7 @@ class BodyLimitMiddleware:
             nonlocal refused
             if not refused:
                 refused = True
-                await self._refuse(send, f"request body is over the {limit:,}-byte limit")
+                await self._refuse(send, key, f"request body is over the {limit:,}-byte limit")
 
         async def replacing_send(message):
             if not exceeded:
@@ -56,8 +58,8 @@ class BodyLimitMiddleware:
             await refuse_once()
 
     @staticmethod
-    async def _refuse(send, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
+    async def _refuse(send, key: str, detail: str) -> None:
+        body = json.dumps({key: detail}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
