@@ -16,6 +16,7 @@ from .core.config import Settings, get_settings
 from .core.resources import web_dir
 from .serving.state import ServiceState
 
+VERSION = "0.1.0"
 DESCRIPTION = """Real-time semantic segmentation with the BiSeNet family.
 
 `curl -F image=@street.jpg http://localhost:8000/segment -o mask.png` returns the colourised mask.
@@ -39,7 +40,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if app.state.tracing is not None:
             app.state.tracing.shutdown()
 
-    app = FastAPI(title="bisenet-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    traces = tracing.from_settings(settings, VERSION)
+    app = FastAPI(title="bisenet-serve", version=VERSION, description=DESCRIPTION, lifespan=lifespan,
+                  telemetry=traces.fastapi_telemetry() if traces is not None else None)
     app.state.service, app.state.builds = state, builds
     app.state.templates = Jinja2Templates(directory=web_dir("templates"))
     app.mount("/static", StaticFiles(directory=web_dir("static")), name="static")
@@ -50,5 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: 65536 + (
         max(settings.max_onnx_bytes, settings.max_upload_bytes) if path == "/engines" else settings.max_upload_bytes))
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
-    app.state.tracing = tracing.install(app, settings)  # last added, so outermost
+    app.state.tracing = traces
+    if traces is not None:
+        app.add_middleware(tracing.TracerMiddleware, tracer=traces.tracer)
     return app

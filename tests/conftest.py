@@ -20,3 +20,20 @@ def client(engines):
     rgb_model(engines / "rgb.onnx", height="H", width="W")
     with make_client(engines, "rgb") as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def protocol_server(tmp_path_factory):
+    """One real server on loopback for the protocol and client tests: the dynamic-H/W RGB model served, a raw-pixel
+    model beside it in the repository. Tests that load another model load ``rgb`` back."""
+    from .models import raw_rgb_model
+    from .server import Server
+
+    engines = tmp_path_factory.mktemp("protocols") / "engines"
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    raw_rgb_model(engines / "raw.onnx", height=64, width=64)
+    server = Server(engines, "rgb")
+    try:
+        yield server
+    finally:
+        server.stop()

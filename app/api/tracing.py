@@ -1,74 +1,73 @@
-"""OpenTelemetry traces (``SEGMENT_TRACING=true``, the ``otel`` extra): a server span per HTTP request, continued
-from an incoming W3C ``traceparent``, with a child span per stage of the work (read, decode, preprocess, queue,
-inference, postprocess, encode).
+"""OpenTelemetry traces (``SEGMENT_TRACING=true``, the ``otel`` extra).
 
-Off by default, and then free: OpenTelemetry is not even imported, no middleware is added, and the calls the routes
-make (:func:`stage`, :func:`segmentations`) return at once. The exporter comes from the standard variables:
-``OTEL_TRACES_EXPORTER`` (otlp, console or none; otlp by default, over HTTP/protobuf), ``OTEL_EXPORTER_OTLP_*``
-(endpoint, headers, timeout), ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER`` and
-``OTEL_BSP_*``.
+FastAPI's native telemetry makes the server span of each request (continuing an incoming W3C ``traceparent``) and
+its operation spans (dependencies, endpoint, serialization); this module gives it a tracer provider whose exporter
+comes from the standard variables, and adds a span per stage of the work inside the endpoint's: read, decode,
+preprocess, queue (a dynamic batch's wait), inference, postprocess, encode, with the model, the image size and the
+batch size as attributes.
+
+Variables: ``OTEL_TRACES_EXPORTER`` (otlp, console or none; otlp by default, over HTTP/protobuf),
+``OTEL_EXPORTER_OTLP_*`` (endpoint, headers, timeout), ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
+``OTEL_TRACES_SAMPLER``, ``OTEL_PROPAGATORS``, ``OTEL_BSP_*``.
+
+Off by default, and then free: the SDK and the exporter are not imported, no middleware is added, and the calls the
+routes make (:func:`stage`, :func:`segmentations`) return at once. (The OpenTelemetry API itself is a dependency of
+FastAPI, which imports it in any case.)
 """
 
 import os
 import time
 from contextvars import ContextVar
 
-from fastapi import FastAPI
-
 from ..core.config import Settings
 from ..core.errors import ServiceError
 from ..serving.pipeline import Segmentation, epoch_ns
-from .middleware import StatusRecorder
 
-_request: ContextVar["RequestSpan | None"] = ContextVar("segment_request_span", default=None)
+# The tracer of the app serving this request; set only when tracing is on.
+_tracer: ContextVar = ContextVar("segment_tracer", default=None)
 
 
-def stage(name: str, start_perf_ns: int, **attributes) -> None:
-    """A child span of the request's, from ``start_perf_ns`` (``time.perf_counter_ns``) until now."""
-    if (request := _request.get()) is not None:
-        request.child(name, epoch_ns(start_perf_ns), epoch_ns(time.perf_counter_ns()), attributes)
+def stage(name: str, start_perf_ns: int) -> None:
+    """A span of the current request from ``start_perf_ns`` (``time.perf_counter_ns``) until now."""
+    if (tracer := _tracer.get()) is not None:
+        tracer.start_span(name, start_time=epoch_ns(start_perf_ns)).end(end_time=epoch_ns(time.perf_counter_ns()))
 
 
 def segmentations(segs: list[Segmentation], model) -> None:
-    """The pipeline's stages of each image as child spans, with the model, image size and batch size."""
-    if (request := _request.get()) is None:
+    """The pipeline's stages of each image as spans, with the model, image size and batch size."""
+    if (tracer := _tracer.get()) is None:
         return
-    request.span.set_attribute("segment.model", model.name)
-    request.span.set_attribute("segment.images", len(segs))
+    from opentelemetry import trace
+
+    trace.get_current_span().set_attributes({"segment.model": model.name, "segment.images": len(segs)})
     for seg in segs:
         height, width = seg.labels.shape[:2]
         attributes = {"segment.model": model.name, "segment.backend": model.backend, "segment.image.width": width,
                       "segment.image.height": height, "segment.batch_size": seg.batch_size}
         for name, start, end in seg.spans:
-            request.child(name, start, end, attributes)
-
-
-class RequestSpan:
-    """The server span of one request, and how to hang children under it."""
-
-    def __init__(self, tracer, span, context):
-        self.tracer, self.span, self.context = tracer, span, context
-
-    def child(self, name: str, start_ns: int, end_ns: int, attributes: dict) -> None:
-        span = self.tracer.start_span(name, context=self.context, start_time=start_ns, attributes=attributes)
-        span.end(end_time=end_ns)
+            tracer.start_span(name, start_time=start, attributes=attributes).end(end_time=end)
 
 
 class Tracing:
-    """The tracer provider of one app, its exporter from the ``OTEL_*`` variables."""
+    """The tracer provider of one app, its exporter chosen by the ``OTEL_*`` variables."""
 
     def __init__(self, service_version: str):
         try:
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
         except ImportError:
-            raise ServiceError("SEGMENT_TRACING=true needs OpenTelemetry: pip install 'bisenet-serve[otel]'") from None
+            raise ServiceError("SEGMENT_TRACING=true needs OpenTelemetry's SDK: pip install 'bisenet-serve[otel]'") \
+                from None
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "bisenet-serve",
                                     "service.version": service_version})
         self.provider = TracerProvider(resource=resource)
         if (processor := _exporting_processor()) is not None:
             self.provider.add_span_processor(processor)
         self.tracer = self.provider.get_tracer("bisenet-serve", service_version)
+
+    def fastapi_telemetry(self) -> dict:
+        """FastAPI's ``telemetry`` option: request and operation spans on this provider; metrics stay Prometheus'."""
+        return {"tracer_provider": self.provider, "metrics": False, "logs": False}
 
     def shutdown(self) -> None:
         """Send what is still buffered."""
@@ -94,47 +93,20 @@ def _exporting_processor():
     return BatchSpanProcessor(OTLPSpanExporter())  # endpoint, headers, timeout: from OTEL_EXPORTER_OTLP_*
 
 
-class TracingMiddleware:
-    """Pure ASGI: the server span of each HTTP request, current while the request runs."""
+class TracerMiddleware:
+    """Pure ASGI: makes the app's tracer the one :func:`stage` and :func:`segmentations` use in this request."""
 
-    def __init__(self, app, tracing: Tracing):
-        from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-        self.app, self.tracer = app, tracing.tracer
-        self.propagator = TraceContextTextMapPropagator()
-        self._kind, self._error, self._in_context = SpanKind.SERVER, Status(StatusCode.ERROR), set_span_in_context
+    def __init__(self, app, tracer):
+        self.app, self.tracer = app, tracer
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        method = scope["method"]
-        span = self.tracer.start_span(f"{method} {scope['path']}", context=self.propagator.extract(headers),
-                                      kind=self._kind, attributes={"http.request.method": method,
-                                                                   "url.path": scope["path"]})
-        token = _request.set(RequestSpan(self.tracer, span, self._in_context(span)))
-        recorder = StatusRecorder(send)
+        token = _tracer.set(self.tracer)
         try:
-            await self.app(scope, receive, recorder)
-        except Exception as exc:
-            span.record_exception(exc)
-            raise
+            await self.app(scope, receive, send)
         finally:
-            if (route := getattr(scope.get("route"), "path", None)) is not None:
-                span.update_name(f"{method} {route}")
-                span.set_attribute("http.route", route)
-            span.set_attribute("http.response.status_code", recorder.status)
-            if recorder.status >= 500:
-                span.set_status(self._error)
-            span.end()
-            _request.reset(token)
+            _tracer.reset(token)
 
 
-def install(app: FastAPI, settings: Settings) -> Tracing | None:
-    """Trace ``app`` when ``settings.tracing`` is on (add this middleware last: it must see the whole request)."""
-    if not settings.tracing:
-        return None
-    tracing = Tracing(app.version)
-    app.add_middleware(TracingMiddleware, tracing=tracing)
-    return tracing
+def from_settings(settings: Settings, service_version: str) -> Tracing | None:
+    """The app's tracing when ``settings.tracing`` is on, else None (and nothing of OpenTelemetry's SDK loaded)."""
+    return Tracing(service_version) if settings.tracing else None
