@@ -34,7 +34,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         state.start()
         builds.start(state.store)
+        grpc_server = None
+        if settings.grpc_address:
+            from .api import grpc_v2
+
+            grpc_server = await grpc_v2.start(state, settings.grpc_address, VERSION)
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5)
         builds.stop()
         state.stop()
         if app.state.tracing is not None:

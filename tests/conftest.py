@@ -25,14 +25,19 @@ def client(engines):
 @pytest.fixture(scope="session")
 def protocol_server(tmp_path_factory):
     """One real server on loopback for the protocol and client tests: the dynamic-H/W RGB model served, a raw-pixel
-    model beside it in the repository. Tests that load another model load ``rgb`` back."""
+    model beside it in the repository, gRPC on ``server.grpc_address`` where grpcio is installed. Tests that load
+    another model load ``rgb`` back."""
+    import importlib.util
+
     from .models import raw_rgb_model
-    from .server import Server
+    from .server import Server, free_port
 
     engines = tmp_path_factory.mktemp("protocols") / "engines"
     rgb_model(engines / "rgb.onnx", height="H", width="W")
     raw_rgb_model(engines / "raw.onnx", height=64, width=64)
-    server = Server(engines, "rgb")
+    grpc_address = f"127.0.0.1:{free_port()}" if importlib.util.find_spec("grpc") else None
+    server = Server(engines, "rgb", env={"SEGMENT_GRPC_ADDRESS": grpc_address} if grpc_address else None)
+    server.grpc_address = grpc_address
     try:
         yield server
     finally:

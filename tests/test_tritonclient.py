@@ -1,6 +1,8 @@
 """Triton's own HTTP client (tritonclient[http]), unchanged, against the real server on loopback: what a Triton or
 KServe user runs works here."""
 
+from contextlib import closing
+
 import numpy as np
 import pytest
 
@@ -15,11 +17,8 @@ ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def triton(protocol_server):
-    client = httpclient.InferenceServerClient(url=protocol_server.url.removeprefix("http://"))
-    try:
+    with closing(httpclient.InferenceServerClient(url=protocol_server.url.removeprefix("http://"))) as client:
         yield client
-    finally:
-        client.close()
 
 
 def test_health_and_metadata(triton):
@@ -66,14 +65,20 @@ def test_errors_reach_the_client_in_words(triton):
 
 def test_repository_extension(triton):
     index = {m["name"]: m["state"] for m in triton.get_model_repository_index()}
+    exercise_repository_extension(triton, index, ADMIN)
+
+
+def exercise_repository_extension(triton, index: dict, admin: dict) -> None:
+    """Index, load refused without the token, load in place of the served model, unload of the served model
+    refused; ``rgb`` served again at the end. For Triton's HTTP and gRPC clients alike."""
     assert index == {"raw": "UNAVAILABLE", "rgb": "READY"}
     with pytest.raises(InferenceServerException, match="admin token"):
         triton.load_model("raw")
     try:
-        triton.load_model("raw", headers=ADMIN)
+        triton.load_model("raw", headers=admin)
         assert triton.is_model_ready("raw") and not triton.is_model_ready("rgb")
         with pytest.raises(InferenceServerException, match="cannot be unloaded"):
-            triton.unload_model("raw", headers=ADMIN)
+            triton.unload_model("raw", headers=admin)
     finally:
-        triton.load_model("rgb", headers=ADMIN)
+        triton.load_model("rgb", headers=admin)
     assert triton.is_model_ready("rgb")

@@ -159,19 +159,33 @@ def numeric(tensor: TensorIn, raw: bytes | None) -> np.ndarray:
     return array.astype(dtype).reshape(tensor.shape)
 
 
+def chosen_outputs(outputs: dict[str, np.ndarray], req: InferRequest) -> list[str]:
+    """The names of the outputs the request asks for (all when it names none); 400 for one the model lacks."""
+    if req.outputs is None:
+        return list(outputs)
+    for out in req.outputs:
+        if out.name not in outputs:
+            raise ProtocolError(f"unknown output {out.name!r}; this model has {', '.join(map(repr, outputs))}")
+    return [out.name for out in req.outputs]
+
+
+def little_endian(array: np.ndarray) -> np.ndarray:
+    """The array contiguous in little-endian order, as the protocol's binary data is."""
+    return np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
+
+
 def encode_response(model_name: str, req: InferRequest, outputs: dict[str, np.ndarray]) -> Response:
     """The response: the outputs asked for (all when none are named), each as binary data when asked for
     (per output ``binary_data``, or the request's ``binary_data_output``), else in the JSON."""
+    chosen_outputs(outputs, req)
     wanted = req.outputs if req.outputs is not None else [TensorOut(name=n) for n in outputs]
     default_binary = bool(req.parameters.get("binary_data_output", False))
     entries, chunks = [], []
     for out in wanted:
-        if out.name not in outputs:
-            raise ProtocolError(f"unknown output {out.name!r}; this model has {', '.join(map(repr, outputs))}")
         array = outputs[out.name]
         entry = {"name": out.name, "datatype": DATATYPE_OF[array.dtype], "shape": list(array.shape)}
         if out.parameters.get("binary_data", default_binary):
-            data = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
+            data = little_endian(array).tobytes()
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:

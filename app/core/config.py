@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     png_compression: int = Field(1, ge=0, le=9, description="PNG compression level of responses (1: fast).")
     max_request_images: int = Field(
         32, ge=1, le=1024, description="Most images in one Open Inference Protocol request (/v2, 400 beyond).")
+    grpc_address: str | None = Field(
+        None, description="Open Inference Protocol over gRPC on this host:port (e.g. 0.0.0.0:8001; the grpc extra), "
+                          "beside the HTTP port. Unset: no gRPC.")
     tracing: bool = Field(
         False, description="OpenTelemetry traces (the otel extra); exporter from the standard OTEL_* variables "
                            "(OTLP over HTTP by default). Off: OpenTelemetry is not even imported.")
