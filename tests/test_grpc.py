@@ -61,3 +61,24 @@ def test_errors_carry_status_and_words(triton):
 def test_repository_extension(triton):
     index = {m.name: m.state for m in triton.get_model_repository_index().models}
     exercise_repository_extension(triton, index, ADMIN)
+
+
+def test_typed_contents(protocol_server):
+    """Inputs as typed contents rather than raw (what other gRPC clients than Triton's send): encoded images in
+    `bytes_contents` as they are, pixels in `uint_contents`."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    photo, truth = quadrants(16, 24)
+    tensor = pb.ModelInferRequest.InferInputTensor
+    with grpc.insecure_channel(protocol_server.grpc_address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for given in (tensor(name="image", datatype="BYTES", shape=[1],
+                             contents=pb.InferTensorContents(bytes_contents=[png_bytes(photo)])),
+                      tensor(name="pixels", datatype="UINT8", shape=[16, 24, 3],
+                             contents=pb.InferTensorContents(uint_contents=photo[..., ::-1].ravel().tolist()))):
+            response = stub.ModelInfer(pb.ModelInferRequest(model_name="rgb", inputs=[given]))
+            labels = response.outputs[0]
+            assert (labels.name, labels.datatype, list(labels.shape)) == ("labels", "UINT8", [1, 16, 24])
+            assert np.array_equal(np.frombuffer(response.raw_output_contents[0], np.uint8).reshape(16, 24), truth)
