@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.client import AsyncClient, BadImage, Client, ConnectionFailed, ModelMismatch, Unavailable
+from app.client import (AsyncClient, BadImage, Client, Conflict, ConnectionFailed, ModelMismatch, Unauthorized,
+                        Unavailable)
 
 from .models import RGB_META, ROOT, decode_png, png_bytes, quadrants
-from .server import free_port
+from .server import TOKEN, free_port
 
 PALETTE = np.array(RGB_META["palette"], np.uint8)
 
@@ -44,12 +45,30 @@ def test_segment_any_kind_of_image(protocol_server):
         assert client.model_info()["name"] == "rgb" and client.ready()
 
 
-def test_model_choice_is_checked(protocol_server):
-    photo, truth = quadrants(32, 32)
-    with Client(protocol_server.url, model="rgb") as client:
-        assert np.array_equal(client.segment(png_bytes(photo)), truth)
-        with pytest.raises(ModelMismatch, match="asked for model 'raw'"):
+def test_model_choice(protocol_server):
+    photo, truth = quadrants(64, 64)
+    with Client(protocol_server.url, token=TOKEN) as client:
+        with pytest.raises(Conflict, match="'raw' is not loaded"):
             client.segment(png_bytes(photo), model="raw")
+        client.load("raw")
+        try:
+            assert "raw" in client.models()["loaded_here"]
+            assert np.array_equal(client.segment(png_bytes(photo), model="raw"), truth)
+            assert np.array_equal(client.segment(png_bytes(photo)), truth)  # the default, rgb
+        finally:
+            client.unload("raw")
+    with Client(protocol_server.url) as client, pytest.raises(Unauthorized, match="admin token"):
+        client.load("raw")
+
+
+def test_an_answer_from_another_model_is_refused(protocol_server):
+    """A server that ignores ?model= (one without the control plane) answers with its own model: refused."""
+    def other_model(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=png_bytes(quadrants(8, 8)[0]), headers={"X-Model": "rgb"})
+
+    with Client(protocol_server.url, transport=httpx.MockTransport(other_model)) as client:
+        with pytest.raises(ModelMismatch, match="asked for model 'raw'"):
+            client.segment(png_bytes(quadrants(8, 8)[0]), model="raw")
 
 
 def test_errors_are_typed_with_the_server_detail(protocol_server):

@@ -59,7 +59,7 @@ def test_errors_reach_the_client_in_words(triton):
     image.set_data_from_numpy(np.array([b"not an image"], dtype=object))
     with pytest.raises(InferenceServerException, match="unsupported or unrecognised image format"):
         triton.infer("rgb", [image])
-    with pytest.raises(InferenceServerException, match="not loaded"):
+    with pytest.raises(InferenceServerException, match="'raw' is not loaded"):
         triton.infer("raw", [image])
 
 
@@ -69,16 +69,16 @@ def test_repository_extension(triton):
 
 
 def exercise_repository_extension(triton, index: dict, admin: dict) -> None:
-    """Index, load refused without the token, load in place of the served model, unload of the served model
-    refused; ``rgb`` served again at the end. For Triton's HTTP and gRPC clients alike."""
+    """Index, load refused without the token, load beside the default, unload of the default refused, unload;
+    only ``rgb`` loaded again at the end. For Triton's HTTP and gRPC clients alike."""
     assert index == {"raw": "UNAVAILABLE", "rgb": "READY"}
     with pytest.raises(InferenceServerException, match="admin token"):
         triton.load_model("raw")
     try:
         triton.load_model("raw", headers=admin)
-        assert triton.is_model_ready("raw") and not triton.is_model_ready("rgb")
-        with pytest.raises(InferenceServerException, match="cannot be unloaded"):
-            triton.unload_model("raw", headers=admin)
+        assert triton.is_model_ready("raw") and triton.is_model_ready("rgb")
+        with pytest.raises(InferenceServerException, match="default"):
+            triton.unload_model("rgb", headers=admin)
     finally:
-        triton.load_model("rgb", headers=admin)
-    assert triton.is_model_ready("rgb")
+        triton.unload_model("raw", headers=admin)
+    assert not triton.is_model_ready("raw") and triton.is_model_ready("rgb")

@@ -148,7 +148,7 @@ def test_request_level_errors(v2):
     asked = infer_json(v2, image_tensor(png_bytes(quadrants(32, 32)[0])), outputs=[{"name": "logits"}])
     assert asked.status_code == 400 and "unknown output" in asked.json()["error"]
     not_loaded = infer_json(v2, image_tensor(png_bytes(quadrants(32, 32)[0])), model="raw")
-    assert not_loaded.status_code == 400 and "/v2/repository/models/raw/load" in not_loaded.json()["error"]
+    assert not_loaded.status_code == 409 and "'raw' is not loaded" in not_loaded.json()["error"]
     assert infer_json(v2, image_tensor(b"x"), model="nope").status_code == 404
 
 
@@ -174,13 +174,15 @@ def test_repository_index_load_and_unload(v2):
     refused = v2.post("/v2/repository/models/raw/load")
     assert refused.status_code == 401 and set(refused.json()) == {"error"}
     assert v2.post("/v2/repository/models/raw/load", headers=ADMIN).status_code == 200
-    assert v2.get("/v2/models/raw/ready").status_code == 200 and v2.get("/v2/models/rgb/ready").status_code == 400
+    assert v2.get("/v2/models/raw/ready").status_code == 200 and v2.get("/v2/models/rgb/ready").status_code == 200
+    assert v2.get("/models").json()["models"][0]["name"] == "raw"  # the control plane's own view agrees
     photo, truth = quadrants(64, 64)
     r = infer_json(v2, image_tensor(png_bytes(photo)), model="raw")
     assert np.array_equal(np.array(r.json()["outputs"][0]["data"]).reshape(64, 64), truth)
-    served = v2.post("/v2/repository/models/raw/unload", headers=ADMIN)
-    assert served.status_code == 409 and "load another" in served.json()["error"]
-    assert v2.post("/v2/repository/models/rgb/unload", headers=ADMIN).status_code == 200
+    default = v2.post("/v2/repository/models/rgb/unload", headers=ADMIN)
+    assert default.status_code == 409 and set(default.json()) == {"error"}
+    assert v2.post("/v2/repository/models/raw/unload", headers=ADMIN).status_code == 200
+    assert v2.get("/v2/models/raw/ready").status_code == 400
     assert v2.post("/v2/repository/models/nope/load", headers=ADMIN).status_code == 404
 
 

@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from ..core.errors import ServiceError
 from ..serving.state import ServiceState
 from . import inference
-from .deps import check_one_process, require_admin
+from .deps import require_admin
 from .model_control import ModelControl
 from .oip import DATATYPE_OF, InferRequest, ProtocolError, chosen_outputs, little_endian
 
@@ -122,14 +122,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @answers_errors
     async def RepositoryModelLoad(self, request, context):
         self._admin(context)
-        check_one_process(self.state.settings.workers)
         await self.control.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @answers_errors
     async def RepositoryModelUnload(self, request, context):
         self._admin(context)
-        self.control.unload(request.model_name)
+        await self.control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 

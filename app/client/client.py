@@ -114,8 +114,24 @@ class Client(_Base):
         return outcomes
 
     def model_info(self) -> dict:
-        """The served model: backend, device, input contract, classes and metadata."""
-        response = self.request("GET", "/models/active")
+        """The default model: backend, device, input contract, classes and metadata."""
+        return self.call("GET", "/models/active")
+
+    def models(self) -> dict:
+        """``GET /models``: every repository model, which are loaded, which is the default."""
+        return self.call("GET", "/models")
+
+    def load(self, name: str) -> dict:
+        """Load a model in every worker (needs the admin ``token``)."""
+        return self.call("POST", f"/models/{name}/load")
+
+    def unload(self, name: str) -> dict:
+        """Unload a model in every worker (needs the admin ``token``; the default cannot be unloaded)."""
+        return self.call("POST", f"/models/{name}/unload")
+
+    def call(self, method: str, path: str, **kwargs):
+        """A JSON route: its answer, or the typed error."""
+        response = self.request(method, path, **kwargs)
         check(response)
         return response.json()
 
@@ -190,7 +206,19 @@ class AsyncClient(_Base):
             bar.close()
 
     async def model_info(self) -> dict:
-        response = await self.request("GET", "/models/active")
+        return await self.call("GET", "/models/active")
+
+    async def models(self) -> dict:
+        return await self.call("GET", "/models")
+
+    async def load(self, name: str) -> dict:
+        return await self.call("POST", f"/models/{name}/load")
+
+    async def unload(self, name: str) -> dict:
+        return await self.call("POST", f"/models/{name}/unload")
+
+    async def call(self, method: str, path: str, **kwargs):
+        response = await self.request(method, path, **kwargs)
         check(response)
         return response.json()
 

@@ -63,7 +63,7 @@ def result(response, output: Output, model: str | None):
     served = response.headers.get("X-Model")
     if model is not None and served != model:
         raise ModelMismatch(response.status_code, f"asked for model {model!r}, the server answered with {served!r} "
-                                                  "(it serves one model at a time: load the one you want first)")
+                                                  "(a server without per-request model choice ignores ?model=)")
     if output == "png":
         return response.content
     image = Image.open(io.BytesIO(response.content))

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from .. import inference, tracing
-from ..deps import AdminDep, AdmittedDep, OneProcessDep, StateDep
+from ..deps import AdminDep, AdmittedDep, StateDep
 from ..inference import check_version
 from ..model_control import ModelControl
 from ..oip import ProtocolError, V2Route, encode_response, error, read_request
@@ -56,7 +56,7 @@ def model_metadata(name: str, control: ControlDep, version: str | None = None) -
 @router.get("/models/{name}/ready")
 @router.get("/models/{name}/versions/{version}/ready")
 def model_ready(name: str, control: ControlDep, version: str | None = None):
-    """200 when the model is loaded; 400 when it exists but is not; 404 when there is no such model."""
+    """200 when the model is loaded in this worker; 400 when it exists but is not; 404 when there is no such model."""
     check_version(version)
     control.facts(name)
     if not control.loaded(name):
@@ -91,16 +91,16 @@ async def repository_index(request: Request, control: ControlDep) -> list[dict]:
     return [m for m in control.index() if not ready_only or m["state"] == "READY"]
 
 
-@router.post("/repository/models/{name}/load", dependencies=[AdminDep, OneProcessDep])
+@router.post("/repository/models/{name}/load", dependencies=[AdminDep])
 async def load(name: str, control: ControlDep) -> Response:
-    """Load a model (admin token). While one model is served at a time, it replaces the served one."""
+    """Load a model in every worker, beside those loaded (admin token; as `POST /models/{name}/load`)."""
     await control.load(name)
     return Response(status_code=200)
 
 
 @router.post("/repository/models/{name}/unload", dependencies=[AdminDep])
-def unload(name: str, control: ControlDep) -> Response:
-    """Unload a model (admin token); the served model cannot be unloaded while it is the only one (409)."""
-    control.unload(name)
+async def unload(name: str, control: ControlDep) -> Response:
+    """Unload a model in every worker (admin token; as `POST /models/{name}/unload`); 409 for the default model."""
+    await control.unload(name)
     return Response(status_code=200)
 
