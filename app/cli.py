@@ -215,6 +215,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_client(args) -> int:
+    from .client import Client, SegmentError
+
+    missing = [str(p) for p in args.images if not p.is_file()]
+    if missing:
+        raise fail(f"no such file: {', '.join(missing)}")
+    with Client(args.url, model=args.model, retries=args.retries) as client:
+        try:
+            outcomes = client.segment_files(args.images, view=args.view, alpha=args.alpha,
+                                            concurrency=args.concurrency, progress=not args.quiet)
+        except SegmentError as exc:  # the server itself cannot be reached
+            raise fail(exc.detail, 3) from None
+    failed = {p: o for p, o in outcomes.items() if isinstance(o, SegmentError)}
+    for path, exc in failed.items():
+        print(f"error: {path}: {exc}", file=sys.stderr)
+    if not args.quiet:
+        print(f"{len(outcomes) - len(failed)} written (NAME.{args.view}.png beside each image), {len(failed)} failed")
+    return 3 if failed else 0
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``segment train`` (kept here so that building the parser never imports torch)."""
     p.add_argument("--data", required=True, help="data set root with images/{train,val} and labels/{train,val}")
@@ -342,6 +362,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--void-id", type=int, help="label id left out of the metrics (CamVid: 11)")
     p.add_argument("--json", type=Path, help="also write the result as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = _command(sub, "client", "segment images on a running server, writing NAME.VIEW.png beside each image",
+                 "segment client http://localhost:8000 street.jpg",
+                 "segment client http://gpu-box:8000 photos/*.jpg --view overlay --concurrency 8")
+    p.add_argument("url", help="the server, e.g. http://localhost:8000")
+    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("--view", default="mask", choices=["mask", "overlay", "labels"])
+    p.add_argument("--alpha", type=float, default=0.5, help="mask weight of the overlay")
+    p.add_argument("--model", help="the model to use (refused if the server answers with another)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
+    p.add_argument("--retries", type=int, default=3, help="further attempts on 503 (busy) or no answer")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=cmd_client)
     return parser
 
 

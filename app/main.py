@@ -7,18 +7,19 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from .api import errors
+from .api import errors, tracing
 from .api.admin import AdminGate
 from .api.deps import require_admin
 from .api.limits import BodyLimitMiddleware
 from .api.middleware import MetricsMiddleware
-from .api.routes import bench, engines, health, models, page, segment
+from .api.routes import bench, engines, health, models, page, segment, v2
 from .builds.service import Builds
 from .core.config import Settings, get_settings
 from .core.resources import web_dir
 from .serving.budget import PixelBudget
 from .serving.state import ServiceState
 
+VERSION = "0.1.0"
 DESCRIPTION = """Real-time semantic segmentation with the BiSeNet family.
 
 `curl -F image=@street.jpg http://localhost:8000/segment -o mask.png` returns the colourised mask.
@@ -36,16 +37,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         state.start()
         builds.start(state.store)
+        grpc_server = None
+        if settings.grpc_address:
+            from .api import grpc_v2
+
+            grpc_server = await grpc_v2.start(state, settings.grpc_address, VERSION, app.state.pixels)
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5)
         builds.stop()
         state.stop()
+        if app.state.tracing is not None:
+            app.state.tracing.shutdown()
 
-    app = FastAPI(title="bisenet-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    traces = tracing.from_settings(settings, VERSION)
+    app = FastAPI(title="bisenet-serve", version=VERSION, description=DESCRIPTION, lifespan=lifespan,
+                  telemetry=traces.fastapi_telemetry() if traces is not None else None)
     app.state.service, app.state.builds = state, builds
     app.state.pixels = PixelBudget(settings.max_pixels_inflight)
     app.state.templates = Jinja2Templates(directory=web_dir("templates"))
     app.mount("/static", StaticFiles(directory=web_dir("static")), name="static")
-    routers = [module.router for module in (segment, engines, health, models, bench, page)]
+    routers = [module.router for module in (segment, engines, health, models, bench, page, v2)]
     for router in routers:
         app.include_router(router)
     errors.install(app)
@@ -57,4 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AdminGate, routes=[r for router in routers for r in router.routes], settings=settings,
                        marker=require_admin)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.state.tracing = traces
+    if traces is not None:
+        app.add_middleware(tracing.TracerMiddleware, tracer=traces.tracer)
     return app

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Match
 
 from ..core.config import Settings
+from .errors import error_key
 
 
 def check_admin(settings: Settings, authorization: str | None) -> None:
@@ -62,7 +63,7 @@ class AdminGate:
                     check_admin(self.settings, dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"))
                 except HTTPException as exc:
                     scope.update(child)  # the route template, for the metrics
-                    response = JSONResponse({"detail": exc.detail}, exc.status_code,
+                    response = JSONResponse({error_key(scope["path"]): exc.detail}, exc.status_code,
                                             headers={**(exc.headers or {}), "Connection": "close"})
                     return await response(scope, receive, send)
         await self.app(scope, receive, send)

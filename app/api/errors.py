@@ -33,3 +33,9 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(OSError, storage_error)
     app.add_exception_handler(sqlite3.OperationalError, storage_error)
     app.add_exception_handler(ValidationError, invalid_options)
+
+
+def error_key(path: str) -> str:
+    """The key of an error body: the Open Inference Protocol's routes answer ``{"error": ...}``, the others
+    ``{"detail": ...}`` (for middleware that answers before any route runs)."""
+    return "error" if path.startswith("/v2/") else "detail"

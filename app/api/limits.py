@@ -10,6 +10,8 @@ import asyncio
 import json
 import time
 
+from .errors import error_key
+
 
 class BodyLimitMiddleware:
     """413 for bodies over ``limit_for(path)`` bytes, by declared length or as they stream; 408 for bodies that take
@@ -24,8 +26,9 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         limit = self.limit_for(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length", b"")
+        key = error_key(scope["path"])
         if declared.isdigit() and int(declared) > limit:
-            return await self._refuse(send, 413,
+            return await self._refuse(send, key, 413,
                                       f"request body of {int(declared):,} bytes is over the {limit:,}-byte limit")
         deadline = time.monotonic() + self.timeout_s
         received, refusal, refused, body_done = 0, None, False, False
@@ -58,7 +61,7 @@ class BodyLimitMiddleware:
             nonlocal refused
             if not refused:
                 refused = True
-                await self._refuse(send, *refusal)
+                await self._refuse(send, key, *refusal)
 
         async def replacing_send(message):
             if not refusal:
@@ -74,8 +77,8 @@ class BodyLimitMiddleware:
             await refuse_once()
 
     @staticmethod
-    async def _refuse(send, status: int, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
+    async def _refuse(send, key: str, status: int, detail: str) -> None:
+        body = json.dumps({key: detail}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})

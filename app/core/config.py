@@ -55,6 +55,14 @@ class Settings(BaseSettings):
     batch_max: int = Field(1, ge=1, le=256, description="Dynamic batching: most images per runner call (1: off).")
     batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="Dynamic batching: longest wait for a batch to fill.")
     png_compression: int = Field(1, ge=0, le=9, description="PNG compression level of responses (1: fast).")
+    max_request_images: int = Field(
+        32, ge=1, le=1024, description="Most images in one Open Inference Protocol request (/v2, 400 beyond).")
+    grpc_address: str | None = Field(
+        None, description="Open Inference Protocol over gRPC on this host:port (e.g. 0.0.0.0:8001; the grpc extra), "
+                          "beside the HTTP port. Unset: no gRPC.")
+    tracing: bool = Field(
+        False, description="OpenTelemetry traces (the otel extra); exporter from the standard OTEL_* variables "
+                           "(OTLP over HTTP by default). Off: OpenTelemetry is not even imported.")
     log_level: str = Field("info", description="Server log level.")
     workers: int = Field(1, ge=1, le=64, description="Server processes; each loads the models the control store wants "
                                                      "(docs/control-plane.md) with its own batcher.")

@@ -9,11 +9,30 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 log = logging.getLogger("segment.batching")
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """The runner call an image was part of: when it started (``perf_counter_ns``) and how many images it held."""
+
+    started_ns: int
+    size: int
+
+
+_last = threading.local()
+
+
+def last_batch() -> BatchRun | None:
+    """The batch of this thread's last :meth:`Batcher.submit` (once; None when it did not go through a batcher)."""
+    run = getattr(_last, "run", None)
+    _last.run = None
+    return run
 
 
 class Batcher:
@@ -32,7 +51,9 @@ class Batcher:
         """Run ``x`` (batch 1) as part of the next batch; returns its own output row."""
         future: Future = Future()
         self._queue.put((x, future))
-        return future.result()
+        out = future.result()
+        _last.run = future.batch_run
+        return out
 
     def stats(self) -> dict:
         return {"max_batch": self.max_batch, "max_wait_ms": self.max_wait * 1000.0, "batches": self.batches,
@@ -83,18 +104,20 @@ class Batcher:
             # fused bias, heuristic algorithm search included), so on CUDA every call has the one shape warmed at
             # start-up: max_batch rows, the missing ones repeating the last image.
             x = np.concatenate([x, np.repeat(x[-1:], self.max_batch - len(group), axis=0)])
-        start = time.perf_counter()
+        start_ns = time.perf_counter_ns()
         try:
             out = self.infer(x)
         except Exception as exc:  # every caller of the batch learns of the failure
             for _, fut in group:
                 fut.set_exception(exc)
             return
-        log.debug("batch of %d (run as %d): %.1f ms", len(group), x.shape[0], (time.perf_counter() - start) * 1000)
+        log.debug("batch of %d (run as %d): %.1f ms", len(group), x.shape[0], (time.perf_counter_ns() - start_ns) / 1e6)
         self.batches += 1
         self.images += len(group)
         self.largest = max(self.largest, len(group))
         if self.on_batch:
             self.on_batch(len(group))
+        run = BatchRun(start_ns, len(group))
         for i, (_, fut) in enumerate(group):
+            fut.batch_run = run
             fut.set_result(out[i:i + 1])

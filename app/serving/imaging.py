@@ -65,11 +65,16 @@ def check_header(data: bytes, max_pixels: int, min_side: int = 1) -> tuple[int, 
     if not data:
         raise ImageError(400, "the uploaded file is empty")
     width, height, fmt = probe(data)
+    check_size(width, height, max_pixels, min_side)
+    return width, height, fmt
+
+
+def check_size(width: int, height: int, max_pixels: int, min_side: int = 1) -> None:
+    """:class:`ImageError` for an image over ``max_pixels`` (413) or with a side under ``min_side`` (400)."""
     if width * height > max_pixels:
         raise ImageError(413, f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
     if min(width, height) < min_side:
         raise ImageError(400, f"image is {width}x{height}; both sides must be at least {min_side} pixels")
-    return width, height, fmt
 
 
 def jpeg_complete(data: bytes) -> bool:

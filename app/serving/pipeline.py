@@ -8,6 +8,7 @@ import numpy as np
 
 from ..engines import SegmentationModel
 from . import gpu_decode as gpu
+from .batching import last_batch
 from .imaging import check_header, colorize, decode_pixels, encode_indexed_png, encode_png, jpeg_complete, overlay
 
 VIEWS = ("mask", "overlay", "labels")
@@ -57,6 +58,10 @@ class Segmentation:
     image: np.ndarray | None
     labels: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+    # (stage, start, end) in epoch nanoseconds, for traces: the timings' stages, with a dynamic batch's queue wait
+    # apart from its inference; and the batch the image ran in.
+    spans: list[tuple[str, int, int]] = field(default_factory=list)
+    batch_size: int = 1
 
     def class_shares(self, model: SegmentationModel) -> list[dict]:
         """The classes present, largest first: id, name, colour (hex), pixel count and percentage. Ids past the
@@ -75,16 +80,26 @@ class Segmentation:
                 for i, n in sorted(enumerate(counts), key=lambda kv: -kv[1]) if n]
 
 
+def epoch_ns(perf_ns: int) -> int:
+    """A ``perf_counter_ns`` reading on the wall clock (trace timestamps are epoch nanoseconds)."""
+    return perf_ns + _EPOCH_OFFSET
+
+
+_EPOCH_OFFSET = time.time_ns() - time.perf_counter_ns()
+
+
 class Stopwatch:
-    """Collects per-stage durations in milliseconds."""
+    """Collects per-stage durations in milliseconds, and each stage's span on the wall clock."""
 
     def __init__(self):
         self.timings: dict[str, float] = {}
-        self._t = time.perf_counter()
+        self.spans: list[tuple[str, int, int]] = []
+        self._t = time.perf_counter_ns()
 
     def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.timings[stage] = round((now - self._t) * 1000.0, 3)
+        now = time.perf_counter_ns()
+        self.timings[stage] = round((now - self._t) / 1e6, 3)
+        self.spans.append((stage, epoch_ns(self._t), epoch_ns(now)))
         self._t = now
 
 
@@ -105,11 +120,12 @@ def segment_bytes(model: SegmentationModel, data: bytes, max_pixels: int, max_si
             watch.lap("decode")
             labels = model.infer_on_gpu(image)[0]
             watch.lap("inference")
-            return Segmentation(image=None, labels=labels, timings=watch.timings)
+            return Segmentation(image=None, labels=labels, timings=watch.timings, spans=watch.spans)
     image = decode_pixels(data, fmt)
     watch.lap("decode")
     seg = segment_image(model, image, max_side)
     seg.timings = {**watch.timings, **seg.timings}
+    seg.spans = watch.spans + seg.spans
     return seg
 
 
@@ -119,11 +135,17 @@ def segment_image(model: SegmentationModel, image: np.ndarray, max_side: int = 2
     height, width = image.shape[:2]
     tensor = preprocess(image, model, input_size(model, height, width, max_side))
     watch.lap("preprocess")
+    last_batch()  # forget a batch this thread ran earlier, outside this pipeline
     labels = model.infer(tensor)[0]
     watch.lap("inference")
+    batch = last_batch()
+    if batch is not None:  # the batcher ran it: its wait for company is the queue stage of the trace
+        _, start, end = watch.spans.pop()
+        watch.spans += [("queue", start, epoch_ns(batch.started_ns)), ("inference", epoch_ns(batch.started_ns), end)]
     labels = restore_size(labels, height, width)
     watch.lap("postprocess")
-    return Segmentation(image=image, labels=labels, timings=watch.timings)
+    return Segmentation(image=image, labels=labels, timings=watch.timings, spans=watch.spans,
+                        batch_size=batch.size if batch is not None else 1)
 
 
 def view_image(seg: Segmentation, model: SegmentationModel, view: str, alpha: float = 0.5) -> np.ndarray:
@@ -137,7 +159,7 @@ def view_image(seg: Segmentation, model: SegmentationModel, view: str, alpha: fl
 def render(seg: Segmentation, model: SegmentationModel, view: str, alpha: float, compression: int) -> bytes:
     """PNG bytes of a view, its time added to ``seg.timings["encode"]``. Mask and labels are written as indexed /
     grey PNGs straight from the class ids."""
-    start = time.perf_counter()
+    start = time.perf_counter_ns()
     labels = seg.labels if model.num_classes <= 256 else seg.labels.astype(np.uint16)
     if view == "mask" and labels.dtype == np.uint8:
         png = encode_indexed_png(labels, model.palette, compression)
@@ -145,5 +167,7 @@ def render(seg: Segmentation, model: SegmentationModel, view: str, alpha: float,
         png = encode_indexed_png(labels, None, compression)
     else:
         png = encode_png(view_image(seg, model, view, alpha), compression)
-    seg.timings["encode"] = round(seg.timings.get("encode", 0.0) + (time.perf_counter() - start) * 1000.0, 3)
+    end = time.perf_counter_ns()
+    seg.timings["encode"] = round(seg.timings.get("encode", 0.0) + (end - start) / 1e6, 3)
+    seg.spans.append(("encode", epoch_ns(start), epoch_ns(end)))
     return png

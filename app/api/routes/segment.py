@@ -1,6 +1,7 @@
 """POST /segment: an image in, a PNG (mask, overlay or class ids) out; POST /segment/json for the page."""
 
 import base64
+import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Query, Request, UploadFile
@@ -12,6 +13,7 @@ from ...serving.imaging import check_header
 from ...serving.pipeline import Segmentation, render, segment_bytes
 from ...serving.served import ServedModel
 from ...serving.state import ServiceState
+from .. import tracing
 from ..deps import AdmittedDep, ModelDep, PixelsDep, StateDep
 from ..uploads import read_one_image
 
@@ -31,7 +33,9 @@ async def segment_upload(request: Request, state: ServiceState, model: ServedMod
     pipeline off the event loop (decode, inference and encode release the GIL in OpenCV and ONNX Runtime).
     ``photo``: the response shows the photo, so it is decoded on the host."""
     s = state.settings
+    start = time.perf_counter_ns()
     data = await read_one_image(request, image, s.max_upload_bytes)
+    tracing.stage("read", start)
     header = check_header(data, s.max_pixels, s.min_side)  # the header alone: no pixel is decoded yet
     pixels.take(header[0] * header[1])
     return await run_in_threadpool(segment_bytes, model, data, s.max_pixels, s.max_dynamic_side, s.min_side,
@@ -57,6 +61,7 @@ async def segment(
     seg = await segment_upload(request, state, model, image, pixels, photo=view == "overlay")
     png = await encode(seg, model, view, alpha, state)
     state.metrics.observe_stages(seg.timings)
+    tracing.segmentations([seg], model)
     headers = {
         "Server-Timing": ", ".join(f"{k};dur={v:.2f}" for k, v in seg.timings.items()),
         **{f"X-Timing-{k.capitalize()}-Ms": f"{v:.2f}" for k, v in seg.timings.items()},
@@ -75,6 +80,7 @@ async def segment_json(request: Request, state: StateDep, model: ModelDep, pixel
     mask = await encode(seg, model, "mask", 1.0, state)
     labels = await encode(seg, model, "labels", 1.0, state)
     state.metrics.observe_stages(seg.timings)
+    tracing.segmentations([seg], model)
     return {
         "model": {"name": model.name, "backend": model.backend, "device": model.device,
                   "precision": model.meta.precision, "dataset": model.meta.dataset, "trained": model.meta.trained},
