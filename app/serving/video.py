@@ -114,8 +114,8 @@ def probe(path: Path, max_pixels: int, max_frames: int) -> VideoInfo:
         stream = container.streams.video[0]
         ctx = stream.codec_context
         if ctx is None or not ctx.codec or not ctx.codec.is_decoder:
-            raise VideoError(415, f"unsupported video codec ({stream.codec_tag or 'not known to FFmpeg'}); send H.264, "
-                                  "HEVC, VP8, VP9, AV1 or MPEG-4")
+            raise VideoError(415, f"unsupported video codec ({ctx.name if ctx else 'not known to FFmpeg'}); send "
+                                  "H.264, HEVC, VP8, VP9, AV1 or MPEG-4")
         width, height = stream.width, stream.height
         if width * height > max_pixels:
             raise VideoError(413, f"frames are {width}x{height} = {width * height:,} pixels; the limit is "
@@ -126,11 +126,11 @@ def probe(path: Path, max_pixels: int, max_frames: int) -> VideoInfo:
             raise VideoError(400, f"the video is damaged or truncated ({exc.__class__.__name__})") from None
         if packets == 0:
             raise VideoError(400, "the video has no frames")
-        if packets > max_frames:
-            raise VideoError(413, f"the video has {packets:,} frames; the limit is {max_frames:,}")
         if stream.frames and packets < stream.frames:
             raise VideoError(400, f"the video is truncated: {packets:,} of the {stream.frames:,} frames it declares "
                                   "are in the file")
+        if packets > max_frames:
+            raise VideoError(413, f"the video has {packets:,} frames; the limit is {max_frames:,}")
         container.seek(0)
         try:
             first = next(container.decode(stream), None)
