@@ -50,6 +50,14 @@ def test_a_bad_frame_is_answered_and_the_stream_goes_on(client):
         ws.send_bytes(jpeg(colour_frames([2])[0]))
         assert ws.receive_json()["frame"] == 1
         assert decode_png(ws.receive_bytes()).shape[:2] == (64, 96)
+    with client.websocket_connect("/ws/segment?model=nosuch") as ws:  # a model the repository does not have
+        ws.send_bytes(jpeg(colour_frames([2])[0]))
+        reply = ws.receive_json()
+        assert reply["status"] == 404 and "nosuch" in reply["error"]
+    with client.websocket_connect("/ws/segment?model=rgb&view=labels") as ws:  # named, as ?model= elsewhere
+        ws.send_bytes(jpeg(colour_frames([2])[0]))
+        ws.receive_json()
+        assert (decode_png(ws.receive_bytes()) == 2).all()
 
 
 def ws_error(client) -> str:

@@ -164,6 +164,7 @@ def test_queue_limit_cancel_and_delete(client, clips, repo):
     assert not (repo / "results" / first["job_id"]).exists()
     assert client.delete(first["status_url"]).status_code == 404
     assert client.get("/segment/video/not-a-job").status_code == 404
+    assert post(client, clips["colours"], query="?model=nosuch").status_code == 404
 
     deadline = time.time() + 60  # the worker lets go of the cancelled job at its next frame
     while (r := post(client, clips["colours"])).status_code == 503 and time.time() < deadline:

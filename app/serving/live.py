@@ -56,8 +56,11 @@ class LiveStreams:
             self.open -= 1
 
 
-def segment_frame(model, data: bytes, view: str, alpha: float, settings) -> tuple[bytes, dict]:
-    """One encoded frame (JPEG, PNG, ...) to the PNG of a view, through the image pipeline; and its timings."""
-    seg = segment_bytes(model, data, settings.max_pixels, settings.max_dynamic_side, settings.min_side)
-    png = render(seg, model, view, alpha, settings.png_compression)
+def segment_frame(state, model_name: str | None, data: bytes, view: str, alpha: float) -> tuple[bytes, dict]:
+    """One encoded frame (JPEG, PNG, ...) to the PNG of a view through the image pipeline, with the model
+    ``model_name`` (None: the default) held for this frame only; and its timings."""
+    s = state.settings
+    with state.use_model(model_name) as model:
+        seg = segment_bytes(model, data, s.max_pixels, s.max_dynamic_side, s.min_side)
+        png = render(seg, model, view, alpha, s.png_compression)
     return png, seg.timings

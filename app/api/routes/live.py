@@ -19,10 +19,13 @@ async def live(
     ws: WebSocket,
     view: Annotated[Literal["mask", "overlay", "labels"], Query()] = "mask",
     alpha: Annotated[float, Query(ge=0.0, le=1.0)] = 0.5,
+    model: Annotated[str | None, Query()] = None,
 ):
     """Per segmented frame the server sends a text message ``{"frame": n, "dropped": d, "timings_ms": {...}}``
     (n counts the binary messages received, from 0; d the frames replaced unseen so far) and then the PNG. A frame
-    that is not a usable image gets ``{"frame": n, "error": ..., "status": 4xx}`` and the stream goes on."""
+    that cannot be segmented (not a usable image, a model that is not loaded) gets
+    ``{"frame": n, "error": ..., "status": 4xx/5xx}`` and the stream goes on. ``model``: as ``?model=`` of
+    POST /segment (default: the default model)."""
     state, streams = ws.app.state.service, ws.app.state.live_streams
     await ws.accept()
     with streams.admit() as ok:
@@ -34,17 +37,11 @@ async def live(
         try:
             while (item := await mailbox.get()) is not None:
                 index, data = item
-                with state.use_model() as model:
-                    if model is None:
-                        await ws.send_json({"frame": index, "error": f"no model is loaded: {state.problem}",
-                                            "status": 503})
-                        continue
-                    try:
-                        png, timings = await run_in_threadpool(segment_frame, model, data, view, alpha,
-                                                               state.settings)
-                    except ServiceError as exc:
-                        await ws.send_json({"frame": index, "error": exc.detail, "status": exc.status_code})
-                        continue
+                try:  # the model is held in the worker thread, only while this frame is in it
+                    png, timings = await run_in_threadpool(segment_frame, state, model, data, view, alpha)
+                except ServiceError as exc:
+                    await ws.send_json({"frame": index, "error": exc.detail, "status": exc.status_code})
+                    continue
                 state.metrics.observe_stages(timings)
                 await ws.send_json({"frame": index, "dropped": mailbox.dropped, "timings_ms": timings})
                 await ws.send_bytes(png)

@@ -15,7 +15,9 @@
 
   function connect() {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const socket = new WebSocket(`${scheme}://${location.host}/ws/segment?view=${viewSel.value}`);
+    const picker = $("model-picker");  // the page's model picker, when several models are loaded
+    const model = picker && picker.value ? `&model=${encodeURIComponent(picker.value)}` : "";
+    const socket = new WebSocket(`${scheme}://${location.host}/ws/segment?view=${viewSel.value}${model}`);
     socket.binaryType = "blob";
     sent = 0; sentAt = new Map(); header = null;  // the server numbers frames per connection, from 0
     socket.onmessage = (ev) => (typeof ev.data === "string" ? onHeader(JSON.parse(ev.data)) : onPng(ev.data));
@@ -91,6 +93,8 @@
 
   startBtn.addEventListener("click", start);
   stopBtn.addEventListener("click", stop);
-  viewSel.addEventListener("change", () => { if (ws) { const old = ws; ws = connect(); old.close(); } });
+  const reconnect = () => { if (ws) { const old = ws; ws = connect(); old.close(); } };
+  viewSel.addEventListener("change", reconnect);
+  if ($("model-picker")) $("model-picker").addEventListener("change", reconnect);
   window.addEventListener("pagehide", stop);
 })();
