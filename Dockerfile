@@ -22,10 +22,12 @@ COPY app app
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".${EXTRAS}" && rm -rf app pyproject.toml README.md
 
-RUN useradd --create-home --uid 10001 segment && mkdir -p /srv/engines && chown segment:segment /srv/engines
+RUN useradd --create-home --uid 10001 segment && mkdir -p /srv/engines /srv/results \
+    && chown segment:segment /srv/engines /srv/results
 USER 10001
 
-VOLUME ["/srv/engines"]
+# Video job results (SEGMENT_RESULTS_DIR, relative to /srv) kept across container restarts with the models.
+VOLUME ["/srv/engines", "/srv/results"]
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python3", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status != 200)"]

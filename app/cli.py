@@ -139,24 +139,79 @@ def cmd_run(args) -> int:
 
     from .core.errors import ImageError
     from .serving.pipeline import segment_bytes, view_image
+    from .serving.video import is_video_path
 
-    if not args.image.is_file():
-        raise fail(f"no such image: {args.image}")
+    if is_video_path(args.image):
+        return run_video(args)
+    image, view = Path(args.image), args.view or "mask"
+    if not image.is_file():
+        raise fail(f"no such image: {image}")
     model = _load(args.model)
     try:
-        seg = segment_bytes(model, args.image.read_bytes(), 1 << 62, 4096)
-        out = view_image(seg, model, args.view, args.alpha)
+        seg = segment_bytes(model, image.read_bytes(), 1 << 62, 4096)
+        out = view_image(seg, model, view, args.alpha)
     except ImageError as exc:
-        raise fail(f"{args.image.name}: {exc.detail}") from None
+        raise fail(f"{image.name}: {exc.detail}") from None
     finally:
         model.close()
-    if args.view == "labels" and args.output.suffix.lower() in (".jpg", ".jpeg"):
+    if view == "labels" and args.output.suffix.lower() in (".jpg", ".jpeg"):
         print("warning: JPEG is lossy and will alter class ids; use .png for --view labels", file=sys.stderr)
     if not cv2.imwrite(str(args.output), out):
         raise fail(f"could not write {args.output} (unknown image extension?)")
-    print(f"wrote {args.output} ({out.shape[1]}x{out.shape[0]}, {args.view}); "
+    print(f"wrote {args.output} ({out.shape[1]}x{out.shape[0]}, {view}); "
           + ", ".join(f"{k} {v:.1f} ms" for k, v in seg.timings.items()))
     return 0
+
+
+def run_video(args) -> int:
+    """``segment run`` on a video file, camera or stream: the overlay video, a progress bar, --stats, --labels.
+    Ctrl-C stops at the next frame and still closes the video properly (a second Ctrl-C stops at once)."""
+    import signal
+
+    from tqdm import tqdm
+
+    from .core.errors import VideoError
+    from .serving.video import Stopped, encoder, is_url, open_video, process
+
+    source = args.image
+    if not is_url(source) and not Path(source).exists():
+        raise fail(f"no such video: {source}")
+    suffix = encoder()[1]
+    if args.output.suffix.lower() != suffix:
+        raise fail(f"{args.output.name}: the overlay video is written as {suffix} ({encoder()[0]}); name it *{suffix}")
+    if args.view not in (None, "overlay"):
+        print("note: videos are written as the overlay view (--labels ZIP keeps the class ids)", file=sys.stderr)
+    model = _load(args.model)
+    stop = []
+
+    def on_interrupt(signum, frame):
+        stop.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        container = open_video(source)
+        total = container.streams.video[0].frames or None  # None for cameras and streams
+        with tqdm(total=total, unit="frame", desc=Path(source).name or source, dynamic_ncols=True) as bar:
+            try:
+                stats = process(model, container, args.output, alpha=args.alpha, batch=1, labels_zip=args.labels,
+                                frames_total=total, progress=lambda p: bar.update(p.frames_done - bar.n),
+                                should_stop=lambda: bool(stop))
+            except Stopped as exc:
+                stats = exc.stats
+            finally:
+                container.close()
+    except VideoError as exc:
+        raise fail(f"{source}: {exc.detail}") from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        model.close()
+    frames = len(stats.frames) if stats else 0
+    if args.stats and stats:
+        args.stats.write_text(json.dumps(stats.as_dict()) if args.stats.suffix.lower() == ".json" else stats.csv())
+    print(f"wrote {args.output} ({frames} frames{', stopped by Ctrl-C' if stop else ''})"
+          + (f", {args.stats}" if args.stats and stats else "") + (f", {args.labels}" if args.labels else ""))
+    return 130 if stop else 0
 
 
 def cmd_test(args) -> int:
@@ -297,13 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=64, help="int8: calibrate on the first N images (by name)")
     p.set_defaults(func=cmd_compile)
 
-    p = _command(sub, "run", "segment one image with an engine or ONNX model",
+    p = _command(sub, "run", "segment one image, or a video, camera or stream, with an engine or ONNX model",
                  "segment run model.trt street.jpg mask.png",
+                 "segment run engines/camvid_bisenetv2.onnx drive.mp4 overlay.mp4 --stats classes.csv",
+                 "segment run engines/camvid_bisenetv2.onnx /dev/video0 camera.mp4   # Ctrl-C to stop",
                  "segment run engines/camvid_bisenetv2.onnx street.jpg overlay.jpg --view overlay")
     p.add_argument("model", type=Path)
-    p.add_argument("image", type=Path)
-    p.add_argument("output", type=Path)
-    p.add_argument("--view", default="mask", choices=["mask", "overlay", "labels"])
+    p.add_argument("image", help="an image; or a video (.mp4 .m4v .mov .webm .mkv .avi), a camera (/dev/video0) or "
+                                 "a stream URL that FFmpeg opens (rtsp://..., file:..., pipe:0)")
+    p.add_argument("output", type=Path, help="the PNG/JPEG of the view; for a video the overlay video (.mp4)")
+    p.add_argument("--view", choices=["mask", "overlay", "labels"], help="image: the view written (default mask)")
+    p.add_argument("--stats", type=Path, help="video: per-frame class shares as CSV (or JSON for .json)")
+    p.add_argument("--labels", type=Path, help="video: every frame's class ids as PNGs in this ZIP (lossless)")
     p.add_argument("--alpha", type=float, default=0.5, help="mask weight of the overlay")
     p.set_defaults(func=cmd_run)
 

@@ -111,4 +111,5 @@ def make_client(engines: Path, model: str, **settings):
     from app.core.config import Settings
     from app.main import create_app
 
+    settings.setdefault("results_dir", engines.parent / "results")  # video jobs beside the repository, not in ROOT
     return TestClient(create_app(Settings(engines_dir=engines, model=model, **settings)))

@@ -52,8 +52,10 @@ def test_empty_bearer_is_refused(engines):
 def test_every_route_that_writes_needs_the_admin_token(client):
     """Read from the OpenAPI schema, so a route added later is covered: without the token, every route that writes
     (but segmentation) is refused by the gate, before its body is read (the gate closes the connection)."""
-    public = {"/segment", "/segment/json",  # segmentation, and the Open Inference Protocol's form of it
-              "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"}
+    # Segmentation, the Open Inference Protocol's form of it, and video jobs (a job's random 128-bit id is the
+    # capability to read or delete it).
+    public = {"/segment", "/segment/json", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer",
+              "/segment/video", "/segment/video/{job_id}"}
     writers = [(method, path) for path, ops in client.app.openapi()["paths"].items() for method in ops
                if method in ("post", "put", "patch", "delete") and path not in public]
     assert len(writers) >= 3

@@ -63,6 +63,18 @@ class Settings(BaseSettings):
     tracing: bool = Field(
         False, description="OpenTelemetry traces (the otel extra); exporter from the standard OTEL_* variables "
                            "(OTLP over HTTP by default). Off: OpenTelemetry is not even imported.")
+    max_video_bytes: int = Field(500 * 2**20, gt=0, description="Largest video upload to POST /segment/video (413 "
+                                                                 "beyond); separate from the image limit.")
+    max_video_frames: int = Field(18_000, gt=0, description="Most frames in one video job (413 beyond): 10 minutes "
+                                                             "at 30 fps.")
+    video_queue: int = Field(4, ge=1, description="Video jobs queued or running at once (503 + Retry-After beyond).")
+    results_dir: Path = Field(Path("results"), description="Folder of video job results (overlay video, statistics, "
+                                                           "label archive, job record); relative paths are from the "
+                                                           "working folder.")
+    results_keep: int = Field(50, ge=1, description="Finished video jobs kept on disk; the oldest go first.")
+    results_max_age_h: float = Field(24.0, gt=0, description="Hours a finished video job is kept on disk.")
+    live_max_streams: int = Field(8, ge=1, description="Live camera WebSocket connections at once (closed with code "
+                                                       "1013, try again later, beyond).")
     log_level: str = Field("info", description="Server log level.")
     workers: int = Field(1, ge=1, le=64, description="Server processes; each loads the models the control store wants "
                                                      "(docs/control-plane.md) with its own batcher.")

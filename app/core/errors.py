@@ -99,3 +99,19 @@ class BuildError(ServiceError):
     """A build request that cannot be carried out as asked (422: the request itself is wrong)."""
 
     status_code = 422
+
+
+class VideoError(ServiceError):
+    """An upload that is not a usable video (400 damaged or empty, 413 too large or too long, 415 not a video or a
+    codec we cannot decode)."""
+
+    def __init__(self, status_code: int, detail: str):
+        super().__init__(detail, status_code)
+
+
+class Busy(Overloaded):
+    """:class:`Overloaded` for long work (video jobs): try again after ``retry_after`` seconds."""
+
+    def __init__(self, detail: str, retry_after: int = 5):
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(retry_after)}
