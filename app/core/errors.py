@@ -99,3 +99,10 @@ class BuildError(ServiceError):
     """A build request that cannot be carried out as asked (422: the request itself is wrong)."""
 
     status_code = 422
+
+
+class Unavailable(ServiceError):
+    """Nobody can answer this request right now (a model replica lost with its node, or too slow); retry shortly."""
+
+    status_code = 503
+    headers = {"Retry-After": "1"}

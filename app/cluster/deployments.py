@@ -1,0 +1,172 @@
+"""The two Ray Serve deployments and the application that binds them.
+
+- ``SegmentModel`` holds the runners: one replica per GPU (``num_gpus``, fractions share one) or on CPU; models
+  chosen per call by name with ``@serve.multiplexed`` (least recently used unloaded beyond
+  ``ray_models_per_replica``); images batched with ``@serve.batch`` (``batch_max``, ``batch_wait_ms``).
+- ``SegmentIngress`` serves the project's FastAPI app (every route, the page, the same errors), decoding and
+  encoding on CPU; its ``user_config`` ``{"model": NAME}`` is the served model, followed by every ingress replica.
+
+Settings are the service's own (``SEGMENT_*``), passed to every replica through its runtime environment.
+"""
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pydantic import SecretStr
+from ray import serve
+
+from ..core.config import Settings
+from ..core.errors import ServiceError
+from ..engines import OrtOptions, load_model
+from ..main import create_app
+from ..repository import ModelRepository
+from ..serving.batching import pad_batch
+from ..serving.pipeline import preprocess
+from ..serving.served import ServedModel
+from .remote import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, ClusterState, ServedByMiddleware, here
+
+log = logging.getLogger("segment.cluster")
+
+
+class LoadedModel(ServedModel):
+    """A model in a replica's multiplexed cache; Serve calls ``__del__`` when it evicts it, and the runner closes
+    once the batches still using it are done."""
+
+    def __del__(self):
+        self.retire()
+
+
+@serve.deployment(name=MODEL_DEPLOYMENT)
+class SegmentModel:
+    """Runs models on batches of RGB uint8 images; each answer names the replica and node that ran it."""
+
+    def __init__(self):
+        s = Settings()
+        if s.ort_threads == 0:  # one ONNX Runtime thread per CPU given to this replica (ORT ignores Ray's OMP_*)
+            s = s.model_copy(update={"ort_threads": max(1, int(s.ray_model_cpus))})
+        self.settings, self.repository = s, ModelRepository(s.engines_dir)
+        self.served_by = here()
+        self.batched.set_max_batch_size(s.batch_max)
+        self.batched.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
+
+    def _open(self, name: str) -> LoadedModel:
+        s = self.settings
+        model = load_model(self.repository.path(name), backend=s.backend, ort=OrtOptions.from_settings(s))
+        if model.runtime.shape_change_is_costly and model.batch_dynamic and not model.dynamic_hw:
+            # ONNX Runtime on CUDA re-plans for seconds on a new input shape: warm the one batch shape used.
+            model.infer(np.zeros(model.input_shape(s.batch_max, *model.input_hw), model.input_dtype))
+        return LoadedModel(model)
+
+    @serve.multiplexed(max_num_models_per_replica=int(os.environ.get("SEGMENT_RAY_MODELS_PER_REPLICA", "3")))
+    async def model(self, name: str) -> LoadedModel:
+        return await asyncio.get_running_loop().run_in_executor(None, self._open, name)
+
+    async def _model(self) -> LoadedModel:
+        name = serve.get_multiplexed_model_id()
+        self.repository.path(name)  # an unknown name fails here, before the cache evicts anything for it
+        return await self.model(name)
+
+    async def describe(self) -> dict:
+        """The model's description (and palette) for the ingress, or ``error`` saying why it cannot be loaded."""
+        try:
+            model = await self._model()
+        except ServiceError as exc:
+            return {"error": exc.detail, "served_by": self.served_by}
+        except Exception as exc:  # a load that failed in a way we did not foresee: still said, not hidden
+            return {"error": f"{type(exc).__name__}: {exc}", "served_by": self.served_by}
+        return {**model.describe(), "palette": model.palette.tolist(), "served_by": self.served_by}
+
+    async def infer(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Labels [1,H,W] for one RGB uint8 [1,H,W,3] image, run in a batch with others for the same model."""
+        return await self.batched(image), self.served_by
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.002)
+    async def batched(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        # Serve forms batches per multiplexed model id, so one model serves each batch.
+        model = await self._model()
+        model.acquire()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self._run, model, images)
+        finally:
+            model.release()
+
+    def _run(self, model: LoadedModel, images: list[np.ndarray]) -> list[np.ndarray]:
+        out: list = [None] * len(images)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            by_shape.setdefault(image.shape, []).append(i)
+        for indices in by_shape.values():
+            x = np.concatenate([self._input(model, images[i]) for i in indices])
+            if model.runtime.shape_change_is_costly and model.batch_dynamic:
+                x = pad_batch(x, self.settings.batch_max)
+            labels = model.infer(x)
+            for row, i in enumerate(indices):
+                out[i] = labels[row:row + 1]
+        return out
+
+    @staticmethod
+    def _input(model: LoadedModel, rgb: np.ndarray) -> np.ndarray:
+        """The model's own input from the RGB uint8 image the ingress sent (normalised NCHW for float models)."""
+        if model.uint8_input:
+            return rgb
+        return preprocess(cv2.cvtColor(rgb[0], cv2.COLOR_RGB2BGR), model, rgb.shape[1:3])
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.ingress()
+class SegmentIngress:
+    """The service's own FastAPI app, its model reached through the model deployment; ``reconfigure`` takes the
+    Serve config's ``user_config`` ``{"model": NAME}``."""
+
+    def __init__(self, model):  # the model deployment's handle (bound, so it is part of the application)
+        self.settings = Settings()
+        self.state = ClusterState(self.settings, model)
+
+    def __serve_build_asgi_app__(self):  # Serve builds the app on the replica, after __init__
+        app = create_app(self.settings, self.state)
+        app.add_middleware(ServedByMiddleware)
+        return app
+
+    def reconfigure(self, config: dict) -> None:
+        if name := (config or {}).get("model"):
+            self.state.switch(name)
+
+
+def env_of(settings: Settings) -> dict[str, str]:
+    """``settings`` as the ``SEGMENT_*`` variables a replica reads (only those set differently from the defaults
+    or present in this environment, so a Serve config file stays the place for the rest)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("SEGMENT_")}
+    for name in settings.model_fields_set:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"SEGMENT_{name.upper()}"] = str(value) if isinstance(value, (str, Path)) else json.dumps(value)
+    return env
+
+
+def application(settings: Settings):
+    """The Serve application for ``settings``: resources, replicas, autoscaling and batching from them."""
+    s = settings
+    runtime_env = {"env_vars": env_of(s)}
+    scaling = ({"num_replicas": s.ray_min_replicas} if s.ray_min_replicas == s.ray_max_replicas else
+               {"autoscaling_config": {"min_replicas": s.ray_min_replicas, "max_replicas": s.ray_max_replicas,
+                                       "target_ongoing_requests": s.ray_target_ongoing_requests}})
+    model = SegmentModel.options(
+        ray_actor_options={"num_cpus": s.ray_model_cpus, "num_gpus": s.ray_model_gpus, "runtime_env": runtime_env},
+        max_ongoing_requests=max(8, 2 * s.batch_max), **scaling)
+    ingress = SegmentIngress.options(
+        num_replicas=s.ray_ingress_replicas, max_ongoing_requests=s.max_inflight, user_config={"model": s.model},
+        ray_actor_options={"num_cpus": s.ray_ingress_cpus, "runtime_env": runtime_env})
+    return ingress.bind(model.bind())
+
+
+def build(args: dict):
+    """Application builder for Serve config files (``import_path: app.cluster.deployments:build``): ``args``
+    are settings by field name (``model``, ``engines_dir``, ``ray_model_gpus``...); unset ones come from the
+    environment."""
+    return application(Settings(**(args or {})))

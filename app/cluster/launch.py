@@ -1,0 +1,37 @@
+"""``segment serve --ray``: start a local Ray (or join one) and deploy the service on Ray Serve until stopped."""
+
+import os
+import signal
+import threading
+
+from ..core.config import Settings
+
+APP_NAME = "segment"
+
+
+def serve_on_ray(settings: Settings, host: str, port: int, address: str | None = None) -> int:
+    """Deploy the service as the Serve application ``segment`` at ``/``; Ctrl-C or SIGTERM removes it (and stops
+    the local Ray this started). ``address``: ``auto`` or ``ray://host:10001`` joins a running cluster."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from .deployments import application
+
+    ray.init(address=address, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application(settings), name=APP_NAME, route_prefix="/", blocking=False)
+        print(f"segment: serving on Ray at http://{host}:{port}/ (Ray dashboard: "
+              f"{ray.get_runtime_context().dashboard_url or 'not running'}); Ctrl-C stops", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+    finally:
+        if address:
+            serve.delete(APP_NAME)  # a cluster we joined keeps running
+        else:
+            serve.shutdown()
+        ray.shutdown()
+    return 0
