@@ -45,7 +45,7 @@ class LoadedModel(ServedModel):
 class SegmentModel:
     """Runs models on batches of RGB uint8 images; each answer names the replica and node that ran it."""
 
-    def __init__(self):
+    async def __init__(self):
         s = Settings()
         if s.ort_threads == 0:  # one ONNX Runtime thread per CPU given to this replica (ORT ignores Ray's OMP_*)
             s = s.model_copy(update={"ort_threads": max(1, int(s.ray_model_cpus))})
@@ -53,6 +53,12 @@ class SegmentModel:
         self.served_by = here()
         self.batched.set_max_batch_size(s.batch_max)
         self.batched.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
+        # The served model loaded before the replica takes requests: Serve routes a model's requests to the
+        # replicas that hold it, so one not holding it would sit idle; a failure is said by ``describe``.
+        try:
+            await self.model(s.model)
+        except Exception as exc:
+            log.error("%s could not be loaded at start: %s", s.model, exc)
 
     def _open(self, name: str) -> LoadedModel:
         s = self.settings
@@ -149,8 +155,10 @@ def env_of(settings: Settings) -> dict[str, str]:
     return env
 
 
-def application(settings: Settings):
-    """The Serve application for ``settings``: resources, replicas, autoscaling and batching from them."""
+def application(settings: Settings, ingress_resources: dict | None = None):
+    """The Serve application for ``settings``: resources, replicas, autoscaling and batching from them.
+    ``ingress_resources``: custom Ray resources the ingress replicas need (e.g. ``{"head": 0.01}`` keeps them on
+    the head node)."""
     s = settings
     runtime_env = {"env_vars": env_of(s)}
     scaling = ({"num_replicas": s.ray_min_replicas} if s.ray_min_replicas == s.ray_max_replicas else
@@ -161,7 +169,8 @@ def application(settings: Settings):
         max_ongoing_requests=max(8, 2 * s.batch_max), **scaling)
     ingress = SegmentIngress.options(
         num_replicas=s.ray_ingress_replicas, max_ongoing_requests=s.max_inflight, user_config={"model": s.model},
-        ray_actor_options={"num_cpus": s.ray_ingress_cpus, "runtime_env": runtime_env})
+        ray_actor_options={"num_cpus": s.ray_ingress_cpus, "runtime_env": runtime_env,
+                           **({"resources": ingress_resources} if ingress_resources else {})})
     return ingress.bind(model.bind())
 
 
