@@ -73,3 +73,12 @@ def test_help_lists_every_command():
     r = segment("--help")
     for word in ("serve", "export", "compile", "run", "test", "engines", "segment compile model.onnx model.trt --fp16"):
         assert word in r.stdout
+
+
+def test_serve_ray_options_say_what_goes_with_what():
+    """--address joins a Ray cluster and --workers is the embedded server's: each refused where it does not apply,
+    before anything starts (and before Ray is imported)."""
+    r = segment("serve", "--address", "auto")
+    assert r.returncode == 2 and "use it with --ray" in r.stderr
+    r = segment("serve", "--ray", "--workers", "2")
+    assert r.returncode == 2 and "SEGMENT_RAY_INGRESS_REPLICAS" in r.stderr
