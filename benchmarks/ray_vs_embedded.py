@@ -154,6 +154,10 @@ def main() -> int:
                   f"+{hop:.1f} ms, the proxy hop and the rest +{extra - inside:.1f} ms")
         print("\nraw:", json.dumps({f"{c}:{n}": {k: v for k, v in r.items() if k != "errors"}
                                      for (c, n), r in summary.items()}))
+    except Exception:
+        for name in procs:
+            print(f"--- {name} server log (tail) ---\n{(tmp / f'{name}.log').read_text()[-3000:]}", file=sys.stderr)
+        raise
     finally:
         for proc in procs.values():
             stop(proc)

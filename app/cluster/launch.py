@@ -18,12 +18,13 @@ def serve_on_ray(settings: Settings, host: str, port: int, address: str | None =
 
     from .deployments import application
 
-    ray.init(address=address, log_to_driver=False)
+    context = ray.init(address=address, log_to_driver=False)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(application(settings), name=APP_NAME, route_prefix="/", blocking=False)
-        print(f"segment: serving on Ray at http://{host}:{port}/ (Ray dashboard: "
-              f"{ray.get_runtime_context().dashboard_url or 'not running'}); Ctrl-C stops", flush=True)
+        dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "not running"
+        print(f"segment: serving on Ray at http://{host}:{port}/ (Ray dashboard: {dashboard}); Ctrl-C stops",
+              flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
+import ray
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 
@@ -35,10 +36,31 @@ INGRESS_DEPLOYMENT = "SegmentIngress"
 
 def here() -> dict:
     """This replica and its node, as the response headers name them."""
-    import ray
-
     context = serve.get_replica_context()
     return {"replica": context.replica_id.unique_id, "node": ray.get_runtime_context().get_node_id()}
+
+
+def ask(handle, settings: Settings, model: str, method: str, *args):
+    """A model replica's answer to ``method(*args)`` for ``model`` (Serve's multiplexed model id). A call whose
+    replica is lost (its node gone) is sent again, to another replica, ``ray_retries`` times, then 503 +
+    Retry-After; so is one that gets no answer within ``ray_request_timeout_s``: never a hang. Blocking: call it
+    from a worker thread."""
+    for attempt in range(settings.ray_retries + 1):
+        response = getattr(handle.options(multiplexed_model_id=model), method).remote(*args)
+        try:
+            return response.result(timeout_s=settings.ray_request_timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise Unavailable(f"no model replica answered within {settings.ray_request_timeout_s:g} s; retry "
+                              "shortly") from None
+        except RayTaskError as exc:  # the replica raised: our own errors keep their status and words
+            if isinstance(exc.cause, ServiceError):
+                raise exc.cause from None
+            raise
+        except RayActorError as exc:
+            log.warning("model replica lost (%s), attempt %d of %d", type(exc).__name__, attempt + 1,
+                        settings.ray_retries + 1)
+    raise Unavailable("the model replica serving this request was lost (its node or process died); retry shortly")
 
 
 @dataclass
@@ -69,33 +91,11 @@ class RemoteModel(SegmentationModel):
         blocking, so call it from a worker thread."""
         rows = []
         for row in batch:
-            labels, served_by = self.ask("infer", row[None])
+            labels, served_by = ask(self.handle, self.settings, self.name, "infer", row[None])
             rows.append(labels)
             if (record := SERVED_BY.get()) is not None:
                 record.update(served_by)
         return np.concatenate(rows)
-
-    def ask(self, method: str, *args):
-        """A model replica's answer to ``method(*args)`` for this model. A call whose replica is lost (its node
-        gone) is sent again, to another replica, ``ray_retries`` times, then 503 + Retry-After; so is one that
-        gets no answer within ``ray_request_timeout_s``: never a hang."""
-        s = self.settings
-        for attempt in range(s.ray_retries + 1):
-            response = getattr(self.handle.options(multiplexed_model_id=self.name), method).remote(*args)
-            try:
-                return response.result(timeout_s=s.ray_request_timeout_s)
-            except TimeoutError:
-                response.cancel()
-                raise Unavailable(f"no model replica answered within {s.ray_request_timeout_s:g} s; retry shortly")
-            except RayTaskError as exc:  # the replica raised: our own errors keep their status and words
-                if isinstance(exc.cause, ServiceError):
-                    raise exc.cause from None
-                raise
-            except RayActorError as exc:
-                log.warning("model replica lost (%s), attempt %d of %d", type(exc).__name__, attempt + 1,
-                            s.ray_retries + 1)
-        raise Unavailable("the model replica serving this request was lost (its node or process died); "
-                          "retry shortly")
 
     def describe(self) -> dict:
         return self.description
@@ -122,9 +122,7 @@ class ClusterState(ServiceState):
     def connect(self, name: str) -> ServedModel:
         """The model ``name`` as the model deployment serves it; ModelError saying why when it cannot."""
         path = self.repository.path(name)  # 404 for an unknown name, before anything is routed
-        probe = RemoteModel(name=name, path=path, meta=None, runtime=None, contract=None, handle=self.handle,
-                            settings=self.settings)
-        desc = probe.ask("describe")
+        desc = ask(self.handle, self.settings, name, "describe")
         if "error" in desc:
             where = desc.get("served_by", {})
             raise ModelError(f"model replica {where.get('replica', '?')} on node {where.get('node', '?')} "
