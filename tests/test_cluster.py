@@ -161,7 +161,7 @@ def test_every_route_answers_as_the_embedded_service(cluster, tmp_path):
     photo, truth = quadrants(96, 160)
     data = png_bytes(photo)
     engines = cluster.tmp / "engines"
-    with make_client(engines, "rgb") as embedded:
+    with make_client(engines, "rgb", control_db=tmp_path / "embedded.db") as embedded:
         for view in ("mask", "labels", "overlay"):
             r, e = segment(cluster.url, data, view=view), embedded.post(
                 "/segment", files={"image": ("photo.png", data, "image/png")}, params={"view": view})
@@ -185,8 +185,10 @@ def test_every_route_answers_as_the_embedded_service(cluster, tmp_path):
     assert httpx.get(f"{cluster.url}/models/active").json()["name"] == "rgb"
     assert {e["name"] for e in httpx.get(f"{cluster.url}/engines").json()["engines"]} >= {"rgb", "raw"}
     assert "segment_http_requests_total" in httpx.get(f"{cluster.url}/metrics").text
-    r = httpx.post(f"{cluster.url}/engines/raw/activate")
-    assert r.status_code == 409 and "serve deploy" in r.json()["detail"]
+    models = httpx.get(f"{cluster.url}/models").json()
+    assert models["default"] == "rgb" and "rgb" in models["loaded_here"]
+    r = segment(cluster.url, data, model="nope")  # refused by the ingress before anything is routed
+    assert r.status_code == 404 and "known models" in r.json()["detail"]
 
 
 def test_requests_land_on_both_nodes(cluster):
@@ -203,7 +205,8 @@ def test_requests_land_on_both_nodes(cluster):
 
 
 def test_a_model_that_cannot_load_says_why_in_readyz(cluster):
-    cluster.deploy("broken", "/broken", model="broken", ray_min_replicas=1, ray_max_replicas=1)
+    cluster.deploy("broken", "/broken", model="broken", ray_min_replicas=1, ray_max_replicas=1,
+                   control_db=cluster.tmp / "broken.db")  # its own control store: another default
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -262,13 +265,31 @@ class Load:
         return None
 
 
-def test_switching_the_model_under_load_loses_no_request(cluster):
-    """A new ``user_config`` model (as `serve deploy` of an edited config does): every request answered, by the
-    old model, then by the new one."""
+def test_models_chosen_per_request(cluster):
+    """`POST /models/raw/load` reaches every replica (through the control store); then `?model=` picks either
+    model per request, each answered by the model it named, on both nodes."""
+    cluster.wait_ready()
+    r = httpx.post(f"{cluster.url}/models/raw/load", timeout=120)
+    assert r.status_code == 200, r.text
+    photo, truth = quadrants(64, 64)
+    seen = Counter()
+    for i in range(40):
+        name = ("rgb", "raw")[i % 2]
+        r = segment(cluster.url, png_bytes(photo), view="labels", model=name)
+        assert r.status_code == 200 and r.headers["x-model"] == name
+        assert np.array_equal(decode_png(r.content), truth)
+        seen[(name, r.headers["x-model-node"])] += 1
+    assert {n for n, _ in seen} == {"rgb", "raw"}
+    assert {node for _, node in seen} == {cluster.head_id, cluster.worker_id}, seen
+
+
+def test_switching_the_default_under_load_loses_no_request(cluster):
+    """`POST /models/raw/default` under load: every request answered, by the old default, then by the new one."""
     cluster.wait_ready()
     with Load(cluster.url) as load:
         assert load.wait_for(lambda a: a[1] == 200, 30) is not None
-        cluster.deploy("segment", "/", model="raw", ray_min_replicas=2, ray_max_replicas=2, batch_max=4)
+        r = httpx.post(f"{cluster.url}/models/raw/default", timeout=120)
+        assert r.status_code == 200, r.text
         assert load.wait_for(lambda a: a[3] == "raw", 60) is not None
         time.sleep(1)
     assert not load.errors, load.errors[:3]

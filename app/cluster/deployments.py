@@ -4,7 +4,8 @@
   chosen per call by name with ``@serve.multiplexed`` (least recently used unloaded beyond
   ``ray_models_per_replica``); images batched with ``@serve.batch`` (``batch_max``, ``batch_wait_ms``).
 - ``SegmentIngress`` serves the project's FastAPI app (every route, the page, the same errors), decoding and
-  encoding on CPU; its ``user_config`` ``{"model": NAME}`` is the served model, followed by every ingress replica.
+  encoding on CPU. Its replicas follow the control store in the model repository (``?model=``, ``/models`` load,
+  unload, default), as the embedded server's workers do; the model replicas load what the store wants.
 
 Settings are the service's own (``SEGMENT_*``), passed to every replica through its runtime environment.
 """
@@ -24,10 +25,11 @@ from ..core.config import Settings
 from ..core.errors import ServiceError
 from ..engines import OrtOptions, load_model
 from ..main import create_app
-from ..repository import ModelRepository
+from ..repository import ControlStore, ModelRepository
 from ..serving.batching import pad_batch
 from ..serving.pipeline import preprocess
 from ..serving.served import ServedModel
+from ..serving.state import control_db_path
 from .remote import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, ClusterState, ServedByMiddleware, here
 
 log = logging.getLogger("segment.cluster")
@@ -53,12 +55,34 @@ class SegmentModel:
         self.served_by = here()
         self.batched.set_max_batch_size(s.batch_max)
         self.batched.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
-        # The served model loaded before the replica takes requests: Serve routes a model's requests to the
-        # replicas that hold it, so one not holding it would sit idle; a failure is said by ``describe``.
-        try:
-            await self.model(s.model)
-        except Exception as exc:
-            log.error("%s could not be loaded at start: %s", s.model, exc)
+        # Serve routes a model's requests to the replicas that hold it, so one without it would sit idle: every
+        # replica loads the models the control store wants (the default first) before it takes requests, and
+        # follows the store's changes. A failure is logged here and said by ``describe`` (then in /readyz).
+        self.store, self.generation = ControlStore(control_db_path(s)), -1
+        await self.follow_store(first=s.model)
+        self._follower = asyncio.get_running_loop().create_task(self._follow())
+
+    async def follow_store(self, first: str | None = None) -> None:
+        """Load what the control store wants (and ``first``) when its generation moved."""
+        loop = asyncio.get_running_loop()
+        desired = await loop.run_in_executor(None, self.store.desired)
+        if desired.generation == self.generation:
+            return
+        for name in dict.fromkeys(n for n in (first, desired.default, *sorted(desired.loaded)) if n):
+            try:
+                self.repository.path(name)
+                await self.model(name)
+            except Exception as exc:
+                log.error("%s could not be loaded: %s", name, exc)
+        self.generation = desired.generation
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.settings.reconcile_interval_ms, 500) / 1000)
+            try:
+                await self.follow_store()
+            except Exception:  # a busy store: next time
+                log.exception("could not read the control store")
 
     def _open(self, name: str) -> LoadedModel:
         s = self.settings
@@ -126,8 +150,7 @@ class SegmentModel:
 @serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress()
 class SegmentIngress:
-    """The service's own FastAPI app, its model reached through the model deployment; ``reconfigure`` takes the
-    Serve config's ``user_config`` ``{"model": NAME}``."""
+    """The service's own FastAPI app, its models reached through the model deployment."""
 
     def __init__(self, model):  # the model deployment's handle (bound, so it is part of the application)
         self.settings = Settings()
@@ -137,10 +160,6 @@ class SegmentIngress:
         app = create_app(self.settings, self.state)
         app.add_middleware(ServedByMiddleware)
         return app
-
-    def reconfigure(self, config: dict) -> None:
-        if name := (config or {}).get("model"):
-            self.state.switch(name)
 
 
 def env_of(settings: Settings) -> dict[str, str]:
@@ -168,7 +187,7 @@ def application(settings: Settings, ingress_resources: dict | None = None):
         ray_actor_options={"num_cpus": s.ray_model_cpus, "num_gpus": s.ray_model_gpus, "runtime_env": runtime_env},
         max_ongoing_requests=max(8, 2 * s.batch_max), **scaling)
     ingress = SegmentIngress.options(
-        num_replicas=s.ray_ingress_replicas, max_ongoing_requests=s.max_inflight, user_config={"model": s.model},
+        num_replicas=s.ray_ingress_replicas, max_ongoing_requests=s.max_inflight,
         ray_actor_options={"num_cpus": s.ray_ingress_cpus, "runtime_env": runtime_env,
                            **({"resources": ingress_resources} if ingress_resources else {})})
     return ingress.bind(model.bind())

@@ -8,6 +8,7 @@ bytes of the float tensor through Ray's object store). The model replica normali
 import contextvars
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -17,9 +18,8 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..core.config import Settings
-from ..core.errors import Conflict, ModelError, ServiceError, Unavailable
+from ..core.errors import ModelError, ServiceError, Unavailable
 from ..core.metadata import ModelMeta
-from ..core.resources import seed_repository
 from ..engines import InputContract, SegmentationModel
 from ..serving.served import ServedModel
 from ..serving.state import ServiceState
@@ -31,6 +31,7 @@ log = logging.getLogger("segment.cluster")
 SERVED_BY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("served_by", default=None)
 
 MODEL_DEPLOYMENT = "SegmentModel"
+CONNECT_PATIENCE_S = 600  # how long an ingress replica waits for the model deployment to answer at all
 INGRESS_DEPLOYMENT = "SegmentIngress"
 
 
@@ -105,64 +106,36 @@ class RemoteModel(SegmentationModel):
 
 
 class ClusterState(ServiceState):
-    """The serving state of an ingress replica: its served model is a :class:`RemoteModel`.
+    """The serving state of an ingress replica: the embedded service's own (the control store in the repository,
+    a model set following it, admission), except that loading a model means asking the model deployment to
+    describe it (a model replica loads it then) and serving a :class:`RemoteModel`.
 
-    A thread connects to the model deployment (asking a replica to describe the model, which loads it there) and
-    retries until it can; ``switch`` (the ingress deployment's ``user_config``) changes the model in the same way.
-    Until connected, ``problem`` says why there is no model, as ``/readyz`` reports it."""
+    Start-up runs in a thread: the model deployment may still be starting, and a blocking call must not wait on
+    the replica's event loop. Until the default model is connected ``/readyz`` answers 503 saying why."""
 
     def __init__(self, settings: Settings, handle):
         super().__init__(settings)
         self.handle = handle
-        self.wanted = settings.model
-        self._wake = threading.Event()
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def connect(self, name: str) -> ServedModel:
+    def load(self, name: str) -> ServedModel:
         """The model ``name`` as the model deployment serves it; ModelError saying why when it cannot."""
         path = self.repository.path(name)  # 404 for an unknown name, before anything is routed
-        desc = ask(self.handle, self.settings, name, "describe")
+        deadline = time.monotonic() + CONNECT_PATIENCE_S
+        while True:
+            try:
+                desc = ask(self.handle, self.settings, name, "describe")
+                break
+            except (Unavailable, ray.exceptions.RayError) as exc:  # the model deployment is (re)starting
+                if time.monotonic() > deadline:
+                    raise ModelError(f"the model deployment did not answer for {CONNECT_PATIENCE_S} s: {exc}") from None
         if "error" in desc:
             where = desc.get("served_by", {})
             raise ModelError(f"model replica {where.get('replica', '?')} on node {where.get('node', '?')} "
                              f"cannot serve {name!r}: {desc['error']}")
         return ServedModel(RemoteModel.from_description(desc, path, self.handle, self.settings))
 
-    def load(self, name: str) -> ServedModel:
-        raise Conflict("in Ray mode the served model is the ingress deployment's user_config `model` (every ingress "
-                       "replica follows it): change it in the Serve config and run `serve deploy`")
-
-    def switch(self, name: str) -> None:
-        """Serve ``name`` from now on (reconnecting in the background)."""
-        self.wanted = name
-        self._wake.set()
-
     def start(self) -> None:
-        seed_repository(self.settings.engines_dir)
-        self.problem = "connecting to the model deployment"
-        self._thread = threading.Thread(target=self._follow, name="cluster-connect", daemon=True)
-        self._thread.start()
-
-    def _follow(self) -> None:
-        while not self._stopped.is_set():
-            name = self.wanted
-            if self.model is None or self.model.name != name:
-                try:
-                    self.activate(self.connect(name))
-                    log.info("serving %s", name)
-                except ServiceError as exc:
-                    self.problem = exc.detail
-                    log.error("no model served: %s", exc.detail)
-                except Exception as exc:  # Ray errors while the model deployment starts: try again
-                    self.problem = f"the model deployment is not answering yet ({type(exc).__name__}: {exc})"
-            self._wake.wait(timeout=2.0)
-            self._wake.clear()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._wake.set()
-        super().stop()
+        threading.Thread(target=super().start, name="cluster-start", daemon=True).start()
 
 
 class ServedByMiddleware:
