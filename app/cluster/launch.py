@@ -4,7 +4,12 @@ import os
 import signal
 import threading
 
-from ..core.config import Settings
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # before Ray reads it
+import ray  # noqa: E402  (at the top: a missing Ray fails the import, which `segment serve --ray` explains)
+from ray import serve  # noqa: E402
+
+from ..core.config import Settings  # noqa: E402
+from .deployments import application  # noqa: E402
 
 APP_NAME = "segment"
 
@@ -12,12 +17,6 @@ APP_NAME = "segment"
 def serve_on_ray(settings: Settings, host: str, port: int, address: str | None = None) -> int:
     """Deploy the service as the Serve application ``segment`` at ``/``; Ctrl-C or SIGTERM removes it (and stops
     the local Ray this started). ``address``: ``auto`` or ``ray://host:10001`` joins a running cluster."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from ray import serve
-
-    from .deployments import application
-
     context = ray.init(address=address, log_to_driver=False)
     try:
         serve.start(http_options={"host": host, "port": port})
