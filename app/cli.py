@@ -29,6 +29,10 @@ def cmd_serve(args) -> int:
     from .core.resources import seed_repository
 
     settings = get_settings()
+    if args.ray:
+        return serve_on_ray(settings, args)
+    if args.address:
+        raise fail("--address joins a Ray cluster: use it with --ray")
     seed_repository(settings.engines_dir)  # once, before the workers start and open the control store there
     workers, metrics_dir = args.workers or settings.workers, None
     if workers > 1:
@@ -44,6 +48,18 @@ def cmd_serve(args) -> int:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def serve_on_ray(settings, args) -> int:
+    """``serve --ray``: Ray is imported only here, and only when it is installed."""
+    if args.workers:
+        raise fail("--workers is for the embedded server; with --ray, set SEGMENT_RAY_INGRESS_REPLICAS and "
+                   "SEGMENT_RAY_MIN_REPLICAS / SEGMENT_RAY_MAX_REPLICAS")
+    try:
+        from .cluster.launch import serve_on_ray as launch
+    except ImportError as exc:
+        raise fail(f"--ray needs Ray Serve: pip install 'bisenet-serve[cluster]' ({exc})")
+    return launch(settings, args.host, args.port, args.address)
 
 
 def fail(message: str, code: int = 2) -> SystemExit:
@@ -329,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, help="server processes, all following one control store (default: SEGMENT_WORKERS, 1)")
+    p.add_argument("--ray", action="store_true", help="serve on Ray Serve (the `cluster` extra): start a local Ray, "
+                   "or join one with --address; replicas and resources from SEGMENT_RAY_* (docs/ray.md)")
+    p.add_argument("--address", help="with --ray: a running Ray cluster to join, `auto` or `ray://HOST:10001`")
     p.set_defaults(func=cmd_serve)
 
     p = _command(sub, "compile", "build a TensorRT engine from ONNX (needs TensorRT and an NVIDIA GPU), "

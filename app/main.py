@@ -29,10 +29,11 @@ Models run through Polygraphy runners: ONNX Runtime for `.onnx`, TensorRT for en
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the service; the model is loaded in the lifespan, once, and closed at shutdown."""
+def create_app(settings: Settings | None = None, state: ServiceState | None = None) -> FastAPI:
+    """Build the service; the model is loaded in the lifespan, once, and closed at shutdown. ``state``: another
+    serving state (Ray mode passes one whose model runs in a model deployment)."""
     settings = settings or get_settings()
-    state = ServiceState(settings)
+    state = state or ServiceState(settings)
     builds = Builds(state.repository)
     video_jobs = VideoJobs(settings)
 

@@ -1,5 +1,6 @@
 """The `segment` command line: the seed's workflow verbatim, and clear errors."""
 
+import os
 import subprocess
 import sys
 
@@ -73,3 +74,17 @@ def test_help_lists_every_command():
     r = segment("--help")
     for word in ("serve", "export", "compile", "run", "test", "engines", "segment compile model.onnx model.trt --fp16"):
         assert word in r.stdout
+
+
+def test_serve_ray_options_say_what_goes_with_what(tmp_path):
+    """--address joins a Ray cluster and --workers is the embedded server's: each refused where it does not apply,
+    before anything starts (and before Ray is imported); without Ray, --ray says which extra to install."""
+    r = segment("serve", "--address", "auto")
+    assert r.returncode == 2 and "use it with --ray" in r.stderr
+    r = segment("serve", "--ray", "--workers", "2")
+    assert r.returncode == 2 and "SEGMENT_RAY_INGRESS_REPLICAS" in r.stderr
+    (tmp_path / "ray").mkdir()  # a `ray` that is not there, as on a machine without the cluster extra
+    (tmp_path / "ray" / "__init__.py").write_text("raise ModuleNotFoundError('No module named ray', name='ray')")
+    r = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--ray"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 2 and "pip install 'bisenet-serve[cluster]'" in r.stderr

@@ -9,7 +9,8 @@ from .models import ROOT
 APP = ROOT / "app"
 # Each layer and the app packages it may import (besides itself). Top to bottom.
 ALLOWED = {
-    "cli": {"api", "builds", "bisenet", "client", "serving", "repository", "engines", "core"},
+    "cli": {"cluster", "api", "builds", "bisenet", "client", "serving", "repository", "engines", "core"},
+    "cluster": {"main", "api", "builds", "serving", "repository", "engines", "core"},  # Ray Serve mode
     "main": {"api", "builds", "serving", "core"},
     "api": {"builds", "serving", "repository", "engines", "core"},
     "builds": {"serving", "repository", "engines", "core"},

@@ -220,8 +220,9 @@ def test_json_view_for_the_page(client):
     assert set(body["timings_ms"]) == {"decode", "preprocess", "inference", "postprocess", "encode"}
 
 
-def test_serving_never_imports_torch(engines):
-    """PyTorch is for export and training only: building and running the service must not load it."""
+def test_serving_never_imports_torch_or_ray(engines):
+    """PyTorch is for export and training only, Ray for `segment serve --ray`: building and running the embedded
+    service (and its command line) must load neither, installed or not."""
     import subprocess
     import sys
 
@@ -239,6 +240,7 @@ def test_serving_never_imports_torch(engines):
         "with TestClient(app) as c:\n"
         "    assert c.get('/readyz').status_code == 200\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

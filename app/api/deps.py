@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import Depends, Header, HTTPException, Query, Request
 
 from ..builds.service import Builds
-from ..serving.models import ModelSet
+from ..serving.models import ModelSet, NoModel
 from ..serving.budget import Reservation
 from ..serving.served import ServedModel
 from ..serving.state import ServiceState
@@ -14,7 +14,9 @@ from .admin import check_admin
 
 def get_models(request: Request) -> ModelSet:
     """This worker's model set (it follows the control store; its changes go to every worker)."""
-    return request.app.state.service.models
+    if (models := request.app.state.service.models) is None:  # still starting (Ray mode starts in a thread)
+        raise NoModel(f"no model is loaded: {request.app.state.service.problem}")
+    return models
 
 
 def get_state(request: Request) -> ServiceState:

@@ -90,6 +90,24 @@ class Settings(BaseSettings):
                                                         "unloaded to make room; explicit loads are not limited).")
     reconcile_interval_ms: float = Field(100.0, gt=0, le=500, description="How often each worker checks the control "
                                                                           "store for changes.")
+    # Ray Serve (`segment serve --ray`, the `cluster` extra); a Serve config file's own fields override these.
+    ray_ingress_replicas: int = Field(
+        1, ge=1, description="Ray: HTTP ingress replicas (decode, encode, the FastAPI app; CPU only).")
+    ray_ingress_cpus: float = Field(1.0, ge=0, description="Ray: CPUs reserved per ingress replica.")
+    ray_model_cpus: float = Field(1.0, ge=0, description="Ray: CPUs per model replica (also its ONNX Runtime "
+                                                         "threads when SEGMENT_ORT_THREADS is 0).")
+    ray_model_gpus: float = Field(0.0, ge=0, description="Ray: GPUs per model replica; fractions share a GPU.")
+    ray_min_replicas: int = Field(1, ge=0, description="Ray: fewest model replicas (autoscaling).")
+    ray_max_replicas: int = Field(1, ge=1, description="Ray: most model replicas (autoscaling; equal to the "
+                                                       "minimum: a fixed number).")
+    ray_target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Ray: requests in flight per model replica the autoscaler aims for.")
+    ray_models_per_replica: int = Field(
+        3, ge=1, description="Ray: models each model replica keeps loaded (multiplexing; least recently used go).")
+    ray_request_timeout_s: float = Field(
+        30.0, gt=0, description="Ray: longest wait for a model replica's answer (503 + Retry-After beyond).")
+    ray_retries: int = Field(2, ge=0, description="Ray: retries of a call whose model replica died (node lost) "
+                                                  "before answering 503 + Retry-After.")
 
     @field_validator("admin_token", mode="after")
     @classmethod

@@ -115,3 +115,10 @@ class Busy(Overloaded):
     def __init__(self, detail: str, retry_after: int = 5):
         super().__init__(detail)
         self.headers = {"Retry-After": str(retry_after)}
+
+
+class Unavailable(ServiceError):
+    """Nobody can answer this request right now (a model replica lost with its node, or too slow); retry shortly."""
+
+    status_code = 503
+    headers = {"Retry-After": "1"}

@@ -103,7 +103,7 @@ class Batcher:
             # has run (H100, onnxruntime-gpu 1.31, cuDNN 9.14: 2.1-2.8 s with its defaults, 3.9-12 s with NHWC and
             # fused bias, heuristic algorithm search included), so on CUDA every call has the one shape warmed at
             # start-up: max_batch rows, the missing ones repeating the last image.
-            x = np.concatenate([x, np.repeat(x[-1:], self.max_batch - len(group), axis=0)])
+            x = pad_batch(x, self.max_batch)
         start_ns = time.perf_counter_ns()
         try:
             out = self.infer(x)
@@ -121,3 +121,8 @@ class Batcher:
         for i, (_, fut) in enumerate(group):
             fut.batch_run = run
             fut.set_result(out[i:i + 1])
+
+
+def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+    """``x`` grown to ``size`` rows by repeating its last one: the one batch shape warmed on ONNX Runtime CUDA."""
+    return x if x.shape[0] >= size else np.concatenate([x, np.repeat(x[-1:], size - x.shape[0], axis=0)])

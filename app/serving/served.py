@@ -65,8 +65,8 @@ class ServedModel:
     def retire(self) -> None:
         """No new requests will come: close now if idle, else when the last request releases it."""
         with self._ref_lock:
+            close = self._users == 0 and not self._retired  # once: a second retire closes nothing
             self._retired = True
-            close = self._users == 0
         if close:
             self.close()
 

@@ -15,7 +15,7 @@ from ..core.resources import bundled_models, seed_repository
 from ..engines import MODEL_SUFFIXES, OrtOptions, load_model
 from ..repository import ControlStore, ModelRepository
 from .metrics import Metrics
-from .models import ModelSet
+from .models import ModelSet, NoModel
 from .served import ServedModel
 
 log = logging.getLogger("segment.state")
@@ -71,6 +71,8 @@ class ServiceState:
     @contextmanager
     def use_model(self, name: str | None = None):
         """The model ``name`` (None: the default), held for the duration of one request."""
+        if self.models is None:  # still starting (Ray mode starts in a thread)
+            raise NoModel(f"no model is loaded: {self.problem}")
         with self.models.use(name) as model:
             yield model
 

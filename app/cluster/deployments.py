@@ -1,0 +1,200 @@
+"""The two Ray Serve deployments and the application that binds them.
+
+- ``SegmentModel`` holds the runners: one replica per GPU (``num_gpus``, fractions share one) or on CPU; models
+  chosen per call by name with ``@serve.multiplexed`` (least recently used unloaded beyond
+  ``ray_models_per_replica``); images batched with ``@serve.batch`` (``batch_max``, ``batch_wait_ms``).
+- ``SegmentIngress`` serves the project's FastAPI app (every route, the page, the same errors), decoding and
+  encoding on CPU. Its replicas follow the control store in the model repository (``?model=``, ``/models`` load,
+  unload, default), as the embedded server's workers do; the model replicas load what the store wants.
+
+Settings are the service's own (``SEGMENT_*``), passed to every replica through its runtime environment.
+"""
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pydantic import SecretStr
+from ray import serve
+
+from ..core.config import Settings
+from ..core.errors import ServiceError
+from ..engines import OrtOptions, load_model
+from ..main import create_app
+from ..repository import ControlStore, ModelRepository
+from ..serving.batching import pad_batch
+from ..serving.pipeline import preprocess
+from ..serving.served import ServedModel
+from ..serving.state import control_db_path
+from .remote import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, ClusterState, ServedByMiddleware, here
+
+log = logging.getLogger("segment.cluster")
+
+
+class LoadedModel(ServedModel):
+    """A model in a replica's multiplexed cache; Serve calls ``__del__`` when it evicts it, and the runner closes
+    once the batches still using it are done."""
+
+    def __del__(self):
+        self.retire()
+
+
+@serve.deployment(name=MODEL_DEPLOYMENT)
+class SegmentModel:
+    """Runs models on batches of RGB uint8 images; each answer names the replica and node that ran it."""
+
+    async def __init__(self):
+        s = Settings()
+        if s.ort_threads == 0:  # one ONNX Runtime thread per CPU given to this replica (ORT ignores Ray's OMP_*)
+            s = s.model_copy(update={"ort_threads": max(1, int(s.ray_model_cpus))})
+        self.settings, self.repository = s, ModelRepository(s.engines_dir)
+        self.served_by = here()
+        self.batched.set_max_batch_size(s.batch_max)
+        self.batched.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
+        # Serve routes a model's requests to the replicas that hold it, so one without it would sit idle: every
+        # replica loads the models the control store wants (the default first) before it takes requests, and
+        # follows the store's changes. A failure is logged here and said by ``describe`` (then in /readyz).
+        self.store, self.generation = ControlStore(control_db_path(s)), -1
+        await self.follow_store(first=s.model)
+        self._follower = asyncio.get_running_loop().create_task(self._follow())
+
+    async def follow_store(self, first: str | None = None) -> None:
+        """Load what the control store wants (and ``first``) when its generation moved."""
+        loop = asyncio.get_running_loop()
+        desired = await loop.run_in_executor(None, self.store.desired)
+        if desired.generation == self.generation:
+            return
+        for name in dict.fromkeys(n for n in (first, desired.default, *sorted(desired.loaded)) if n):
+            try:
+                self.repository.path(name)
+                await self.model(name)
+            except Exception as exc:
+                log.error("%s could not be loaded: %s", name, exc)
+        self.generation = desired.generation
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.settings.reconcile_interval_ms, 500) / 1000)
+            try:
+                await self.follow_store()
+            except Exception:  # a busy store: next time
+                log.exception("could not read the control store")
+
+    def _open(self, name: str) -> LoadedModel:
+        s = self.settings
+        model = load_model(self.repository.path(name), backend=s.backend, ort=OrtOptions.from_settings(s))
+        if model.runtime.shape_change_is_costly and model.batch_dynamic and not model.dynamic_hw:
+            # ONNX Runtime on CUDA re-plans for seconds on a new input shape: warm the one batch shape used.
+            model.infer(np.zeros(model.input_shape(s.batch_max, *model.input_hw), model.input_dtype))
+        return LoadedModel(model)
+
+    @serve.multiplexed(max_num_models_per_replica=int(os.environ.get("SEGMENT_RAY_MODELS_PER_REPLICA", "3")))
+    async def model(self, name: str) -> LoadedModel:
+        return await asyncio.get_running_loop().run_in_executor(None, self._open, name)
+
+    async def _model(self) -> LoadedModel:
+        name = serve.get_multiplexed_model_id()
+        self.repository.path(name)  # an unknown name fails here, before the cache evicts anything for it
+        return await self.model(name)
+
+    async def describe(self) -> dict:
+        """The model's description (and palette) for the ingress, or ``error`` saying why it cannot be loaded."""
+        try:
+            model = await self._model()
+        except ServiceError as exc:
+            return {"error": exc.detail, "served_by": self.served_by}
+        except Exception as exc:  # a load that failed in a way we did not foresee: still said, not hidden
+            return {"error": f"{type(exc).__name__}: {exc}", "served_by": self.served_by}
+        return {**model.describe(), "palette": model.palette.tolist(), "served_by": self.served_by}
+
+    async def infer(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Labels [1,H,W] for one RGB uint8 [1,H,W,3] image, run in a batch with others for the same model."""
+        return await self.batched(image), self.served_by
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.002)
+    async def batched(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        # Serve forms batches per multiplexed model id, so one model serves each batch.
+        model = await self._model()
+        model.acquire()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self._run, model, images)
+        finally:
+            model.release()
+
+    def _run(self, model: LoadedModel, images: list[np.ndarray]) -> list[np.ndarray]:
+        out: list = [None] * len(images)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            by_shape.setdefault(image.shape, []).append(i)
+        for indices in by_shape.values():
+            x = np.concatenate([self._input(model, images[i]) for i in indices])
+            if model.runtime.shape_change_is_costly and model.batch_dynamic:
+                x = pad_batch(x, self.settings.batch_max)
+            labels = model.infer(x)
+            for row, i in enumerate(indices):
+                out[i] = labels[row:row + 1]
+        return out
+
+    @staticmethod
+    def _input(model: LoadedModel, rgb: np.ndarray) -> np.ndarray:
+        """The model's own input from the RGB uint8 image the ingress sent (normalised NCHW for float models)."""
+        if model.uint8_input:
+            return rgb
+        return preprocess(cv2.cvtColor(rgb[0], cv2.COLOR_RGB2BGR), model, rgb.shape[1:3])
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.ingress()
+class SegmentIngress:
+    """The service's own FastAPI app, its models reached through the model deployment."""
+
+    def __init__(self, model):  # the model deployment's handle (bound, so it is part of the application)
+        self.settings = Settings()
+        self.state = ClusterState(self.settings, model)
+
+    def __serve_build_asgi_app__(self):  # Serve builds the app on the replica, after __init__
+        app = create_app(self.settings, self.state)
+        app.add_middleware(ServedByMiddleware)
+        return app
+
+
+def env_of(settings: Settings) -> dict[str, str]:
+    """``settings`` as the ``SEGMENT_*`` variables a replica reads (only those set differently from the defaults
+    or present in this environment, so a Serve config file stays the place for the rest)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("SEGMENT_")}
+    for name in settings.model_fields_set:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"SEGMENT_{name.upper()}"] = str(value) if isinstance(value, (str, Path)) else json.dumps(value)
+    return env
+
+
+def application(settings: Settings, ingress_resources: dict | None = None):
+    """The Serve application for ``settings``: resources, replicas, autoscaling and batching from them.
+    ``ingress_resources``: custom Ray resources the ingress replicas need (e.g. ``{"head": 0.01}`` keeps them on
+    the head node)."""
+    s = settings
+    runtime_env = {"env_vars": env_of(s)}
+    scaling = ({"num_replicas": s.ray_min_replicas} if s.ray_min_replicas == s.ray_max_replicas else
+               {"autoscaling_config": {"min_replicas": s.ray_min_replicas, "max_replicas": s.ray_max_replicas,
+                                       "target_ongoing_requests": s.ray_target_ongoing_requests}})
+    model = SegmentModel.options(
+        ray_actor_options={"num_cpus": s.ray_model_cpus, "num_gpus": s.ray_model_gpus, "runtime_env": runtime_env},
+        max_ongoing_requests=max(8, 2 * s.batch_max), **scaling)
+    ingress = SegmentIngress.options(
+        num_replicas=s.ray_ingress_replicas, max_ongoing_requests=s.max_inflight,
+        ray_actor_options={"num_cpus": s.ray_ingress_cpus, "runtime_env": runtime_env,
+                           **({"resources": ingress_resources} if ingress_resources else {})})
+    return ingress.bind(model.bind())
+
+
+def build(args: dict):
+    """Application builder for Serve config files (``import_path: app.cluster.deployments:build``): ``args``
+    are settings by field name (``model``, ``engines_dir``, ``ray_model_gpus``...); unset ones come from the
+    environment."""
+    return application(Settings(**(args or {})))

@@ -1,0 +1,169 @@
+"""Ray Serve mode against the embedded server, side by side in one run, on the same model and photo.
+
+    python benchmarks/ray_vs_embedded.py [--clients 1,4] [--seconds 10] [--rounds 2] [--model NAME]
+    python benchmarks/ray_vs_embedded.py --gpu --clients 32,64 --embedded-workers 16 --ingress-replicas 8 \\
+                                         --model-replicas 1 --batch-max 8 --models DIR --model camvid
+
+Starts both at once on loopback: `segment serve` (``--embedded-workers`` processes) and `segment serve --ray` (a
+local Ray: ``--ingress-replicas`` CPU ingress replicas, ``--model-replicas`` model replicas with all the CPUs
+left, or one GPU each with ``--gpu``). Then, in alternating rounds so that other load on the machine hits both
+alike, ``clients`` concurrent clients upload the sample photo (2048x1024 PNG, or a JPEG of it with ``--jpeg``) to
+each for ``seconds``. Prints images/s, p50/p99 latency, the Ray/embedded ratios, and where Ray's extra time goes
+from the responses' Server-Timing: the model call through the deployment handle (Ray's "inference" minus the
+embedded one) and the HTTP proxy hop plus the rest (the extra latency not inside the ingress's stages).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app.core.resources import sample_image, seed_repository  # noqa: E402
+from app.engines.host import cpu_name  # noqa: E402
+from benchmarks.loadgen import post_load  # noqa: E402
+from tests.server import free_port  # noqa: E402
+
+
+def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "app.cli", "serve", *args], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> float:
+    start_t, deadline = time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return time.monotonic() - start_t
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)  # `segment serve --ray` removes the app and stops its Ray on SIGINT
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def versions() -> str:
+    import fastapi
+    import onnxruntime
+    import ray
+
+    return f"ray {ray.__version__}, onnxruntime {onnxruntime.__version__}, fastapi {fastapi.__version__}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", default="1,4")
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--models", type=Path, help="model repository (default: the bundled models)")
+    ap.add_argument("--model", default="camvid_bisenetv2")
+    ap.add_argument("--jpeg", action="store_true", help="upload the photo as JPEG (quality 95) instead of PNG")
+    ap.add_argument("--gpu", action="store_true", help="model replicas on one GPU each (SEGMENT_RAY_MODEL_GPUS=1)")
+    ap.add_argument("--embedded-workers", type=int, default=1)
+    ap.add_argument("--ingress-replicas", type=int, default=1)
+    ap.add_argument("--model-replicas", type=int, default=1)
+    ap.add_argument("--batch-max", type=int, default=1)
+    ap.add_argument("--batch-wait-ms", type=float, default=2.0)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="rvb"))
+    engines = args.models or tmp / "engines"
+    seed_repository(engines)
+    photo = sample_image().read_bytes()
+    if args.jpeg:
+        photo = cv2.imencode(".jpg", cv2.imdecode(np.frombuffer(photo, np.uint8), cv2.IMREAD_COLOR),
+                             [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    kind = ("photo.jpg", "image/jpeg") if args.jpeg else ("photo.png", "image/png")
+    cores = os.cpu_count() or 1
+    base = {**os.environ, "SEGMENT_ENGINES_DIR": str(engines), "SEGMENT_MODEL": args.model,
+            "SEGMENT_BATCH_MAX": str(args.batch_max), "SEGMENT_BATCH_WAIT_MS": str(args.batch_wait_ms),
+            "SEGMENT_LOG_LEVEL": "warning", "XDG_CACHE_HOME": str(tmp / "cache")}
+    # Ray: everything on loopback, its files in the temp folder, no token file in ~/.ray.
+    ingress_cpus = 1.0 if args.gpu else 0.0  # on CPU the model replicas get every core, as the embedded server has
+    ray_env = {**base, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "disabled",
+               "RAY_USAGE_STATS_ENABLED": "0",
+               "SEGMENT_RAY_INGRESS_REPLICAS": str(args.ingress_replicas), "SEGMENT_RAY_INGRESS_CPUS": str(ingress_cpus),
+               "SEGMENT_RAY_MIN_REPLICAS": str(args.model_replicas), "SEGMENT_RAY_MAX_REPLICAS": str(args.model_replicas),
+               "SEGMENT_RAY_MODEL_GPUS": "1" if args.gpu else "0",
+               "SEGMENT_RAY_MODEL_CPUS": str(max(1, (cores - args.ingress_replicas * ingress_cpus) // args.model_replicas))}
+    servers = {"embedded": (["--workers", str(args.embedded_workers)], base), "ray": (["--ray"], ray_env)}
+    procs, urls, ready = {}, {}, {}
+    try:
+        for name, (extra, env) in servers.items():
+            port = free_port()
+            urls[name] = f"http://127.0.0.1:{port}"
+            log = tmp / f"{name}.log"
+            procs[name] = start(["--host", "127.0.0.1", "--port", str(port), *extra], env, log)
+            ready[name] = wait_ready(urls[name], procs[name], log)
+        print(f"machine: {cpu_name()}, {cores} cores; {versions()}; model {args.model}; "
+              f"photo {len(photo) // 1024} KiB {kind[1]}; start to ready: embedded {ready['embedded']:.1f} s, "
+              f"ray {ready['ray']:.1f} s")
+        for url in urls.values():  # warm both (first requests load caches)
+            for _ in range(3):
+                httpx.post(f"{url}/segment", files={"image": (*kind[:1], photo, kind[1])}, timeout=120)
+        results: dict = {}
+        for _ in range(args.rounds):
+            for clients in map(int, args.clients.split(",")):
+                for name, url in urls.items():
+                    load0 = os.getloadavg()[0]
+                    r = post_load(url, photo, kind[0], kind[1], clients, args.seconds, processes=min(clients, 4))
+                    r["load"] = load0
+                    results.setdefault((clients, name), []).append(r)
+        print(f"\n{'clients':>7} {'server':>9} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'n':>5} {'errors':>6} "
+              f"{'load1':>5}  stages (ms, server-side means)")
+        summary = {}
+        for (clients, name), runs in sorted(results.items()):
+            best = max(runs, key=lambda r: r["img_s"])  # rounds differ by the machine's other load: keep the best
+            summary[(clients, name)] = best
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in best["stages"].items())
+            print(f"{clients:>7} {name:>9} {best['img_s']:>7.2f} {best['p50']:>8.1f} {best['p99']:>8.1f} "
+                  f"{best['n']:>5} {len(best['errors']):>6} {best['load']:>5.1f}  {stages}")
+        print()
+        for clients in map(int, args.clients.split(",")):
+            ray_r, emb = summary[(clients, "ray")], summary[(clients, "embedded")]
+            extra = ray_r["p50"] - emb["p50"]
+            hop = ray_r["stages"].get("inference", 0) - emb["stages"].get("inference", 0)
+            inside = sum(ray_r["stages"].values()) - sum(emb["stages"].values())
+            print(f"{clients} client(s): Ray/embedded throughput {ray_r['img_s'] / emb['img_s']:.2f}x, p50 latency "
+                  f"{ray_r['p50'] / emb['p50']:.2f}x (+{extra:.1f} ms): the model call through the handle "
+                  f"+{hop:.1f} ms, the proxy hop and the rest +{extra - inside:.1f} ms")
+        print("\nraw:", json.dumps({f"{c}:{n}": {k: v for k, v in r.items() if k != "errors"}
+                                     for (c, n), r in summary.items()}))
+    except Exception:
+        for name in procs:
+            print(f"--- {name} server log (tail) ---\n{(tmp / f'{name}.log').read_text()[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        for proc in procs.values():
+            stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
