@@ -218,6 +218,8 @@ def cmd_eval(args) -> int:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``segment train`` (kept here so that building the parser never imports torch)."""
     p.add_argument("--data", required=True, help="data set root with images/{train,val} and labels/{train,val}")
+    p.add_argument("--splits", default="train", help="split(s) to train on, comma-separated (train,val for a final model)")
+    p.add_argument("--val-split", default="val", help="split scored at the end (flagged when it was trained on)")
     p.add_argument("--out", required=True, help="folder for weights.pth and train_log.json")
     p.add_argument("--arch", default="bisenetv2", choices=["bisenetv1", "bisenetv2"])
     p.add_argument("--classes", type=int, default=11)
@@ -231,6 +233,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=500, help="warm-up iterations")
     p.add_argument("--aux-weight", type=float, default=1.0)
     p.add_argument("--aux-loss", default="ce", choices=["ce", "ohem"], help="loss of the auxiliary heads (main: OHEM)")
+    p.add_argument("--jitter", type=float, default=0.4, help="brightness/contrast/saturation jitter, +-fraction")
+    p.add_argument("--aspect", type=float, nargs=2, default=(1.0, 1.0), metavar=("MIN", "MAX"),
+                   help="random width/height stretch (log-uniform)")
+    p.add_argument("--cast", type=float, default=0.0, help="per-channel colour gain, +-fraction (light colour)")
+    p.add_argument("--blur", type=float, default=0.0, help="probability of a Gaussian blur (sigma 0.3-1.5)")
+    p.add_argument("--class-weights", type=float, default=0.0, metavar="POWER",
+                   help="weight classes by (median freq / freq) ** POWER in every loss (0: off)")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="average the weights (0: off)")
+    p.add_argument("--ema-every", type=int, default=4, help="EMA update interval in iterations")
+    p.add_argument("--ema-start", type=float, default=0.5, help="start the EMA at this fraction of the schedule")
+    p.add_argument("--log-every", type=int, default=100, help="progress line interval in iterations")
     p.add_argument("--eval-sizes", default="352x480,384x480,448x608", help="val sizes for the final PyTorch eval")
     p.add_argument("--checkpoint-every", type=int, default=1000, help="save a resumable checkpoint every N iterations")
     p.add_argument("--resume", type=Path, help="continue from a checkpoint written by --checkpoint-every")
