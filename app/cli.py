@@ -200,19 +200,39 @@ def cmd_engines(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .serving.evaluate import evaluate
+    import cv2
+
+    from .serving.evaluate import confusion_image, confusion_table, evaluate
 
     model = _load(args.model)
     try:
-        result = evaluate(model, args.data, args.split, void_id=args.void_id)
+        result = evaluate(model, args.data, args.split, void_id=args.void_id, flip=args.flip, scales=args.scales)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     finally:
         model.close()
-    print(f"mIoU {result['miou']:.4f}  pixel accuracy {result['pixel_accuracy']:.4f}  ({result['images']} images)")
+    print(f"{result['pipeline']}: mIoU {result['miou']:.4f}  pixel accuracy {result['pixel_accuracy']:.4f}  "
+          f"({result['images']} images)")
     for name, iou in result["per_class_iou"].items():
         print(f"  {name:<16} {'-' if iou is None else f'{iou:.4f}'}")
+    names = list(result["per_class_iou"])
+    print("confusion matrix, % of each true class:\n" + confusion_table(result["confusion"], names))
+    if args.confusion:
+        cv2.imwrite(str(args.confusion), confusion_image(result["confusion"], names))
+        print(f"wrote {args.confusion}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected scales like 0.75,1,1.25, got {text!r}") from None
+    if not scales or any(not 0.25 <= s <= 4 for s in scales):
+        raise argparse.ArgumentTypeError(f"scales must lie in 0.25..4, got {text!r}")
+    return scales
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -348,12 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = _command(sub, "eval", "mIoU of a model through the service's pipeline",
-                 "segment eval engines/camvid_bisenetv2.onnx --data data/camvid --void-id 11")
+                 "segment eval engines/camvid_bisenetv2.onnx --data data/camvid --void-id 11",
+                 "segment eval m.onnx --data data/camvid --void-id 11 --flip --scales 0.75,1,1.25 --confusion cm.png")
     p.add_argument("model", type=Path)
     p.add_argument("--data", type=Path, required=True, help="root with images/SPLIT and labels/SPLIT")
     p.add_argument("--split", default="val")
     p.add_argument("--void-id", type=int, help="label id left out of the metrics (CamVid: 11)")
     p.add_argument("--json", type=Path, help="also write the result as JSON")
+    p.add_argument("--confusion", type=Path, metavar="PNG", help="save the confusion matrix as an image")
+    p.add_argument("--flip", action="store_true", help="also average with the mirrored image (reports only; "
+                   "the service never does this)")
+    p.add_argument("--scales", type=_scales, default=(1.0,), metavar="S,S,...",
+                   help="multi-scale test, relative to the model's input size, e.g. 0.75,1,1.25 (reports only)")
     p.set_defaults(func=cmd_eval)
     return parser
 
