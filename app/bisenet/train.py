@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.iou import confusion, report
-from . import build_model
+from . import ARCHS, build_model
 from .data import IGNORE, GpuAugment, channel_stats, class_weights, load_split
 from .loss import OhemCrossEntropy
 
@@ -63,14 +63,14 @@ class WeightAverage:
         self.updates += 1
 
 
-def inference_state(arch: str, classes: int, state: dict) -> dict:
+def inference_state(arch: str, state: dict) -> dict:
     """A training state dict without the auxiliary heads: upstream's inference layout."""
-    prefixes = type(build_model(arch, classes, aux=False)).AUX_PREFIXES
+    prefixes = ARCHS[arch].AUX_PREFIXES
     return {k: v.detach().cpu().clone() for k, v in state.items() if not k.startswith(prefixes)}
 
 
 @torch.no_grad()
-def evaluate_torch(model, images, labels, mean, std, size, num_classes, device, flip=False) -> dict:
+def evaluate_torch(model, images, labels, mean, std, size, num_classes, device) -> dict:
     """mIoU of ``model`` on a split, resizing inputs to ``size`` and predictions back (nearest)."""
     model.eval()
     conf = np.zeros((num_classes, num_classes), np.int64)
@@ -83,8 +83,6 @@ def evaluate_torch(model, images, labels, mean, std, size, num_classes, device, 
         x = ((x - m) / s).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             logits = model(x).float()
-            if flip:
-                logits = logits + model(x.flip(3)).float().flip(3)
         pred = logits.argmax(1, keepdim=True).float()
         pred = F.interpolate(pred, size=(h, w), mode="nearest").squeeze(1).byte().cpu().numpy()
         conf += confusion(labels[i:i + 16], pred, num_classes, ignore=IGNORE)
@@ -189,9 +187,9 @@ def main(args: argparse.Namespace) -> dict:
 
     train_s = time.time() - start
     save_checkpoint(out / "checkpoint.pth", model, optim, it, train_s, ema)
-    candidates = {"last": inference_state(args.arch, args.classes, model.state_dict())}
+    candidates = {"last": inference_state(args.arch, model.state_dict())}
     if ema is not None:
-        candidates["ema"] = inference_state(args.arch, args.classes, ema.state)
+        candidates["ema"] = inference_state(args.arch, ema.state)
     # What the recipe ships is fixed before any score is seen: the average when there is one.
     shipped = "ema" if ema is not None else "last"
     torch.save(candidates[shipped], out / "weights.pth")
