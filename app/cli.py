@@ -238,7 +238,8 @@ def _scales(text: str) -> tuple[float, ...]:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``segment train`` (kept here so that building the parser never imports torch)."""
     p.add_argument("--data", required=True, help="data set root with images/{train,val} and labels/{train,val}")
-    p.add_argument("--splits", default="train", help="split(s) to train on, comma-separated (train,val for a final model)")
+    p.add_argument("--splits", default="train",
+                   help="split(s) to train on, comma-separated (train,val for a final model)")
     p.add_argument("--val-split", default="val", help="split scored at the end (flagged when it was trained on)")
     p.add_argument("--out", required=True, help="folder for weights.pth and train_log.json")
     p.add_argument("--arch", default="bisenetv2", choices=["bisenetv1", "bisenetv2"])

@@ -28,6 +28,7 @@ for path in sys.argv[2:]:
         cpu.append(time.thread_time() - t)
         wall.append(time.perf_counter() - w)
     res[path.rsplit("/", 1)[-1]] = {"cpu_ms_p50": round(1000 * float(np.median(cpu)), 1),
-                                    "cpu_ms_min": round(1000 * min(cpu), 1), "wall_ms_p50": round(1000 * float(np.median(wall)), 1)}
+                                    "cpu_ms_min": round(1000 * min(cpu), 1),
+                                    "wall_ms_p50": round(1000 * float(np.median(wall)), 1)}
     print(path, res[path.rsplit("/", 1)[-1]], flush=True)
 print(json.dumps(res))

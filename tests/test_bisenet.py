@@ -321,7 +321,8 @@ def test_class_weights_lift_rare_classes_and_ohem_uses_them():
     assert torch.isclose(plain, torch.tensor(np.log(2.0), dtype=torch.float32))
     assert torch.isclose(weighted, plain)
     logits[0, 1] = 2.0  # now class-0 pixels are wrong (high loss), class-1 pixels right (low loss)
-    assert OhemCrossEntropy(thresh=0.99, weight=torch.tensor(w))(logits, labels) < OhemCrossEntropy(thresh=0.99)(logits, labels)
+    reweighted = OhemCrossEntropy(thresh=0.99, weight=torch.tensor(w))(logits, labels)
+    assert reweighted < OhemCrossEntropy(thresh=0.99)(logits, labels)
 
 
 def test_training_on_train_and_val_with_weight_average_resumes(tmp_path):
@@ -334,7 +335,8 @@ def test_training_on_train_and_val_with_weight_average_resumes(tmp_path):
     argv = ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--iters", "3", "--batch", "2",
             "--crop", "64", "96", "--warmup", "1", "--eval-sizes", "64x96", "--checkpoint-every", "1",
             "--splits", "train,val", "--ema", "0.5", "--ema-every", "1", "--ema-start", "0", "--log-every", "1",
-            "--class-weights", "0.5", "--scale", "0.5", "2.0", "--aspect", "0.8", "1.25", "--blur", "0.5", "--cast", "0.1"]
+            "--class-weights", "0.5", "--scale", "0.5", "2.0", "--aspect", "0.8", "1.25", "--blur", "0.5",
+            "--cast", "0.1"]
     args = build_parser().parse_args(argv)
     assert args.func(args) == 0
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())
@@ -346,7 +348,8 @@ def test_training_on_train_and_val_with_weight_average_resumes(tmp_path):
     assert shipped.keys() == last.keys() and any(not torch.equal(shipped[k], last[k]) for k in shipped)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
     assert ckpt["iteration"] == 3 and ckpt["ema"] is not None
-    resumed = build_parser().parse_args(argv[:argv.index("--iters")] + ["--iters", "4"] + argv[argv.index("--iters") + 2:]
+    at = argv.index("--iters")
+    resumed = build_parser().parse_args(argv[:at] + ["--iters", "4"] + argv[at + 2:]
                                         + ["--resume", str(tmp_path / "run" / "checkpoint.pth")])
     resumed.func(resumed)
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())

@@ -104,7 +104,8 @@ def save_checkpoint(path: Path, model, optim, iteration: int, elapsed: float, em
 def _progress_line(it: int, loss: float, lr: float, rate: float, progress: float, elapsed: float) -> dict:
     eta = elapsed * (1 - progress) / progress if progress > 0 else float("nan")
     return {"iter": it, "loss": round(loss, 4), "lr": round(lr, 5), "it_per_s": round(rate, 2),
-            "progress": round(progress, 3), "elapsed_s": round(elapsed), "eta_s": round(eta) if math.isfinite(eta) else None}
+            "progress": round(progress, 3), "elapsed_s": round(elapsed),
+            "eta_s": round(eta) if math.isfinite(eta) else None}
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -122,7 +123,8 @@ def main(args: argparse.Namespace) -> dict:
     mean, std = channel_stats(load_split(args.data, "train")[0]) if args.splits != "train" else channel_stats(tr_img)
     held_out = args.val_split not in args.splits.split(",")
     print(f"train on {args.splits}: {len(tr_img)} images / {args.val_split}: {len(va_img)} images"
-          f"{'' if held_out else ' (NOT held out: it is trained on)'}; mean {mean} std {std}; device {device}", flush=True)
+          f"{'' if held_out else ' (NOT held out: it is trained on)'}; mean {mean} std {std}; device {device}",
+          flush=True)
     augment = GpuAugment(tr_img, tr_lab, mean, std, crop=tuple(args.crop), scale=tuple(args.scale), jitter=args.jitter,
                          aspect=tuple(args.aspect), cast=args.cast, blur=args.blur, device=device)
 
@@ -135,7 +137,8 @@ def main(args: argparse.Namespace) -> dict:
         print(f"class weights {weights}", flush=True)
     weight_t = None if weights is None else torch.tensor(weights, device=device)
     criterion = OhemCrossEntropy(ignore_index=IGNORE, weight=weight_t)
-    aux_criterion = criterion if args.aux_loss == "ohem" else torch.nn.CrossEntropyLoss(ignore_index=IGNORE, weight=weight_t)
+    aux_criterion = (criterion if args.aux_loss == "ohem"
+                     else torch.nn.CrossEntropyLoss(ignore_index=IGNORE, weight=weight_t))
 
     log, start, it, ema = [], time.time(), 0, None
     if args.resume:
