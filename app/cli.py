@@ -271,16 +271,26 @@ def cmd_engines(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .serving.evaluate import evaluate
+    import cv2
+
+    from .serving.evaluate import confusion_image, confusion_table, evaluate
 
     model = _load(args.model)
     try:
-        result = evaluate(model, args.data, args.split, void_id=args.void_id)
+        result = evaluate(model, args.data, args.split, void_id=args.void_id, flip=args.flip, scales=args.scales)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     finally:
         model.close()
-    print(f"mIoU {result['miou']:.4f}  pixel accuracy {result['pixel_accuracy']:.4f}  ({result['images']} images)")
+    print(f"{result['pipeline']}: mIoU {result['miou']:.4f}  pixel accuracy {result['pixel_accuracy']:.4f}  "
+          f"({result['images']} images)")
     for name, iou in result["per_class_iou"].items():
         print(f"  {name:<16} {'-' if iou is None else f'{iou:.4f}'}")
+    names = list(result["per_class_iou"])
+    print("confusion matrix, % of each true class:\n" + confusion_table(result["confusion"], names))
+    if args.confusion:
+        cv2.imwrite(str(args.confusion), confusion_image(result["confusion"], names))
+        print(f"wrote {args.confusion}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
@@ -306,9 +316,22 @@ def cmd_client(args) -> int:
     return 3 if failed else 0
 
 
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected scales like 0.75,1,1.25, got {text!r}") from None
+    if not scales or any(not 0.25 <= s <= 4 for s in scales):
+        raise argparse.ArgumentTypeError(f"scales must lie in 0.25..4, got {text!r}")
+    return scales
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``segment train`` (kept here so that building the parser never imports torch)."""
     p.add_argument("--data", required=True, help="data set root with images/{train,val} and labels/{train,val}")
+    p.add_argument("--splits", default="train",
+                   help="split(s) to train on, comma-separated (train,val for a final model)")
+    p.add_argument("--val-split", default="val", help="split scored at the end (flagged when it was trained on)")
     p.add_argument("--out", required=True, help="folder for weights.pth and train_log.json")
     p.add_argument("--arch", default="bisenetv2", choices=["bisenetv1", "bisenetv2"])
     p.add_argument("--classes", type=int, default=11)
@@ -322,6 +345,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=500, help="warm-up iterations")
     p.add_argument("--aux-weight", type=float, default=1.0)
     p.add_argument("--aux-loss", default="ce", choices=["ce", "ohem"], help="loss of the auxiliary heads (main: OHEM)")
+    p.add_argument("--jitter", type=float, default=0.4, help="brightness/contrast/saturation jitter, +-fraction")
+    p.add_argument("--aspect", type=float, nargs=2, default=(1.0, 1.0), metavar=("MIN", "MAX"),
+                   help="random width/height stretch (log-uniform)")
+    p.add_argument("--cast", type=float, default=0.0, help="per-channel colour gain, +-fraction (light colour)")
+    p.add_argument("--blur", type=float, default=0.0, help="probability of a Gaussian blur (sigma 0.3-1.5)")
+    p.add_argument("--class-weights", type=float, default=0.0, metavar="POWER",
+                   help="weight classes by (median freq / freq) ** POWER in every loss (0: off)")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="average the weights (0: off)")
+    p.add_argument("--ema-every", type=int, default=4, help="EMA update interval in iterations")
+    p.add_argument("--ema-start", type=float, default=0.5, help="start the EMA at this fraction of the schedule")
+    p.add_argument("--log-every", type=int, default=100, help="progress line interval in iterations")
     p.add_argument("--eval-sizes", default="352x480,384x480,448x608", help="val sizes for the final PyTorch eval")
     p.add_argument("--checkpoint-every", type=int, default=1000, help="save a resumable checkpoint every N iterations")
     p.add_argument("--resume", type=Path, help="continue from a checkpoint written by --checkpoint-every")
@@ -434,12 +468,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = _command(sub, "eval", "mIoU of a model through the service's pipeline",
-                 "segment eval engines/camvid_bisenetv2.onnx --data data/camvid --void-id 11")
+                 "segment eval engines/camvid_bisenetv2.onnx --data data/camvid --void-id 11",
+                 "segment eval m.onnx --data data/camvid --void-id 11 --flip --scales 0.75,1,1.25 --confusion cm.png")
     p.add_argument("model", type=Path)
     p.add_argument("--data", type=Path, required=True, help="root with images/SPLIT and labels/SPLIT")
     p.add_argument("--split", default="val")
     p.add_argument("--void-id", type=int, help="label id left out of the metrics (CamVid: 11)")
     p.add_argument("--json", type=Path, help="also write the result as JSON")
+    p.add_argument("--confusion", type=Path, metavar="PNG", help="save the confusion matrix as an image")
+    p.add_argument("--flip", action="store_true", help="also average with the mirrored image (reports only; "
+                   "the service never does this)")
+    p.add_argument("--scales", type=_scales, default=(1.0,), metavar="S,S,...",
+                   help="multi-scale test, relative to the model's input size, e.g. 0.75,1,1.25 (reports only)")
     p.set_defaults(func=cmd_eval)
 
     p = _command(sub, "client", "segment images on a running server, writing NAME.VIEW.png beside each image",

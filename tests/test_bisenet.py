@@ -26,6 +26,19 @@ def contract_listing(arch: str) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
+def tiny_camvid(root: Path, n: int) -> None:
+    """A CamVid-layout data set of ``n`` random 64x96 images (labels 0-11, 11 = void) per split."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(n):
+            cv2.imwrite(str(root / "images" / split / f"{i}.jpg"), rng.integers(0, 255, (64, 96, 3), np.uint8))
+            cv2.imwrite(str(root / "labels" / split / f"{i}.png"), rng.integers(0, 12, (64, 96), np.uint8))
+
+
 def layout(model) -> dict[str, tuple[tuple[int, ...], str]]:
     return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
 
@@ -149,17 +162,9 @@ def test_training_tool_runs_checkpoints_and_resumes(tmp_path):
     """Two iterations on CPU over a tiny CamVid-layout set: weights, log, checkpoint, resume, mIoU report."""
     import json
 
-    import cv2
-
     from app.cli import build_parser
 
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        (tmp_path / "data" / "images" / split).mkdir(parents=True)
-        (tmp_path / "data" / "labels" / split).mkdir(parents=True)
-        for i in range(3):
-            cv2.imwrite(str(tmp_path / "data" / "images" / split / f"{i}.jpg"), rng.integers(0, 255, (64, 96, 3), np.uint8))
-            cv2.imwrite(str(tmp_path / "data" / "labels" / split / f"{i}.png"), rng.integers(0, 12, (64, 96), np.uint8))
+    tiny_camvid(tmp_path / "data", 3)
     argv = ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--iters", "2", "--batch", "2",
             "--crop", "64", "96", "--warmup", "1", "--eval-sizes", "64x96", "--checkpoint-every", "1"]
     args = build_parser().parse_args(argv)
@@ -276,3 +281,76 @@ def test_int8_build_of_raw_pixel_bisenet_for_onnxruntime(tmp_path):
     finally:
         model.close()
     assert not any(p.name.startswith(".raw_int8") for p in engines.iterdir())  # no work files left behind
+
+
+def test_augmentation_keeps_labels_aligned_and_pads_with_ignore():
+    """Scale, aspect, flip and blur move image and labels together; areas outside the source become IGNORE."""
+    from app.bisenet.data import IGNORE, GpuAugment
+
+    # Left half class 1 and dark, right half class 2 and bright: each output pixel's label must match its colour.
+    img = np.zeros((2, 64, 96, 3), np.uint8)
+    img[:, :, 48:] = 255
+    lab = np.ones((2, 64, 96), np.uint8)
+    lab[:, :, 48:] = 2
+    torch.manual_seed(0)
+    aug = GpuAugment(img, lab, [0.5] * 3, [0.25] * 3, crop=(64, 96), scale=(0.5, 2.0), jitter=0.0,
+                     aspect=(0.75, 1.33), blur=1.0, device="cpu")
+    x, y = aug(8)
+    assert x.shape == (8, 3, 64, 96) and y.shape == (8, 64, 96)
+    assert set(torch.unique(y).tolist()) <= {1, 2, IGNORE} and (y == IGNORE).any()  # scale 0.5 leaves padding
+    bright = x.mean(1) > 0  # normalised: above the mean grey
+    far = torch.nn.functional.max_pool2d((y[:, None] == 2).float() - (y[:, None] == 1).float(), 9, 1, 4)[:, 0]
+    interior = (y != IGNORE) & (far.abs() == 1)  # away from the class edge, which blur softens
+    assert torch.equal(bright[interior], (y == 2)[interior])
+
+
+def test_class_weights_lift_rare_classes_and_ohem_uses_them():
+    from app.bisenet.data import class_weights
+    from app.bisenet.loss import OhemCrossEntropy
+
+    lab = np.zeros((1, 10, 10), np.uint8)
+    lab[0, 0, :2] = 1  # 2% of the pixels
+    lab[0, 9, :] = 255
+    w = class_weights(lab, 2, power=0.5)
+    assert w[1] > 1 > w[0]
+    logits = torch.zeros(1, 2, 10, 10)
+    labels = torch.from_numpy(lab.astype(np.int64))
+    plain = OhemCrossEntropy(thresh=0.99)(logits, labels)
+    weighted = OhemCrossEntropy(thresh=0.99, weight=torch.tensor(w))(logits, labels)
+    # Uniform logits: every valid pixel has loss log 2, whatever its weight.
+    assert torch.isclose(plain, torch.tensor(np.log(2.0), dtype=torch.float32))
+    assert torch.isclose(weighted, plain)
+    logits[0, 1] = 2.0  # now class-0 pixels are wrong (high loss), class-1 pixels right (low loss)
+    reweighted = OhemCrossEntropy(thresh=0.99, weight=torch.tensor(w))(logits, labels)
+    assert reweighted < OhemCrossEntropy(thresh=0.99)(logits, labels)
+
+
+def test_training_on_train_and_val_with_weight_average_resumes(tmp_path):
+    """--splits train,val flags val as not held out; --ema ships the average and keeps the last weights too."""
+    import json
+
+    from app.cli import build_parser
+
+    tiny_camvid(tmp_path / "data", 2)
+    argv = ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--iters", "3", "--batch", "2",
+            "--crop", "64", "96", "--warmup", "1", "--eval-sizes", "64x96", "--checkpoint-every", "1",
+            "--splits", "train,val", "--ema", "0.5", "--ema-every", "1", "--ema-start", "0", "--log-every", "1",
+            "--class-weights", "0.5", "--scale", "0.5", "2.0", "--aspect", "0.8", "1.25", "--blur", "0.5",
+            "--cast", "0.1"]
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 0
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["val_held_out"] is False and log["shipped_weights"] == "ema" and log["ema_updates"] == 2
+    assert {"64x96", "last:64x96"} <= set(log["val_torch"])
+    assert [e["iter"] for e in log["log"]] == [1, 2, 3] and all("eta_s" in e and "it_per_s" in e for e in log["log"])
+    shipped = torch.load(tmp_path / "run" / "weights.pth", weights_only=True)
+    last = torch.load(tmp_path / "run" / "weights_last.pth", weights_only=True)
+    assert shipped.keys() == last.keys() and any(not torch.equal(shipped[k], last[k]) for k in shipped)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert ckpt["iteration"] == 3 and ckpt["ema"] is not None
+    at = argv.index("--iters")
+    resumed = build_parser().parse_args(argv[:at] + ["--iters", "4"] + argv[at + 2:]
+                                        + ["--resume", str(tmp_path / "run" / "checkpoint.pth")])
+    resumed.func(resumed)
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["iterations"] == 4 and log["ema_updates"] == 3

@@ -27,6 +27,22 @@ def test_default_model_ships_and_is_described():
     assert Settings().engines_dir == Path("engines") and Settings().model == DEFAULT_MODEL
 
 
+def test_bisenetv1_ships_beside_the_default():
+    """A BiSeNetV1 trained from scratch, with its card; its honest (train-only) val score is recorded."""
+    path = ENGINES / "camvid_bisenetv1.onnx"
+    model = load_model(path)
+    try:
+        meta = model.meta
+        assert meta.trained and meta.arch == "bisenetv1" and meta.dataset == "camvid" and model.num_classes == 11
+        assert model.input_hw == (448, 608) and model.batch_dynamic and model.output_kind == "labels"
+    finally:
+        model.close()
+    training = meta.extra["training"]
+    assert training["from_scratch"] and training["recipe"]["splits"] == "train,val"
+    assert meta.extra["evaluation"]["held_out"] is False and training["train_only_run"]["val_miou_pytorch_bf16"]
+    assert "from scratch" in (ENGINES / "camvid_bisenetv1.md").read_text()
+
+
 def test_default_model_segments_a_real_street():
     """On the Cityscapes sample, road, sky, buildings and cars are where a person sees them."""
     with make_client(ENGINES, DEFAULT_MODEL) as c:
@@ -42,26 +58,27 @@ def test_default_model_segments_a_real_street():
     assert (bottom_centre == names.index("road")).mean() > 0.8
 
 
-def test_int8_variant_is_built_from_the_shipped_model():
-    """The bundled int8 model: Q/DQ graph, built from exactly the shipped fp32 file, parity recorded."""
+@pytest.mark.parametrize("source", [DEFAULT_MODEL, "camvid_bisenetv1"])
+def test_int8_variant_is_built_from_the_shipped_model(source):
+    """The bundled int8 models: Q/DQ graph, built from exactly the shipped fp32 file, parity recorded."""
     import onnx
 
     from app.core.metadata import load_meta, sha256_file
 
-    path = ENGINES / f"{DEFAULT_MODEL}_int8.onnx"
+    path = ENGINES / f"{source}_int8.onnx"
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     meta = load_meta(path)
     build = meta.build.model_dump()
     assert meta.precision == "int8" and build["target"] == "onnxruntime"
-    assert build["source_sha256"] == sha256_file(ENGINES / f"{DEFAULT_MODEL}.onnx")
+    assert build["source_sha256"] == sha256_file(ENGINES / f"{source}.onnx")
     assert build["parity"]["label_agreement"] >= 0.95 and not build["parity"]["flagged"]
     assert meta.extra["evaluation"]["pipeline"].startswith("segment eval: ONNX Runtime CPU int8")
 
 
 @pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/datasets/camvid is not beside the checkout")
-@pytest.mark.parametrize("name", [DEFAULT_MODEL, f"{DEFAULT_MODEL}_int8"])
-def test_default_model_val_miou_at_least_70_percent(name):
+@pytest.mark.parametrize("name", [DEFAULT_MODEL, f"{DEFAULT_MODEL}_int8", "camvid_bisenetv1", "camvid_bisenetv1_int8"])
+def test_bundled_model_val_miou_at_least_70_percent(name):
     """Through the service's own pipeline (ONNX Runtime on CPU, the shipped ONNX, the service's pre-processing);
     the score written in each model's metadata is the one measured here."""
     from app.builds.quantize import cpu_has_vnni
