@@ -60,7 +60,12 @@ class VideoJobs:
 
     # --- life cycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Take ownership, fail the jobs left unfinished by processes that are gone, prune, start the worker."""
+        """Take ownership, fail the jobs left unfinished by processes that are gone, prune, start the worker.
+
+        Idempotent: an app whose lifespan is entered twice (a test client and a fuzzer on one app) gets one worker,
+        so that one ``stop`` ends it instead of waiting on a second worker that never receives its end marker."""
+        if self._thread is not None and self._thread.is_alive():
+            return
         (self.root / "owners").mkdir(parents=True, exist_ok=True)
         self._owner_file = open(self.root / "owners" / f"{self._owner}.lock", "w")
         fcntl.flock(self._owner_file, fcntl.LOCK_EX)
