@@ -111,5 +111,6 @@ def make_client(engines: Path, model: str, **settings):
     from app.core.config import Settings
     from app.main import create_app
 
+    engines = Path(engines)
     settings.setdefault("results_dir", engines.parent / "results")  # video jobs beside the repository, not in ROOT
     return TestClient(create_app(Settings(engines_dir=engines, model=model, **settings)))
