@@ -128,8 +128,9 @@ def test_admin_upload_refused_before_its_body_is_read(server):
 def test_trickling_upload_is_cut_off_with_408(server):
     head = ("POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
             "Content-Length: 100000\r\n\r\n")
-    # One byte every 0.3 s never trips the 1 s idle limit; the 3 s total limit cuts it off.
-    trickle = raw_request(server, head, [PART.replace(b"onnx", b"image")] + [b"\0"] * 100, pause=0.3)
+    # One byte every 0.1 s never trips the 1 s idle limit (a tenth of it, so a loaded machine's stalls do not either;
+    # 0.3 s did once in CI-like conditions); the 3 s total limit cuts it off.
+    trickle = raw_request(server, head, [PART.replace(b"onnx", b"image")] + [b"\0"] * 100, pause=0.1)
     # Nothing after the headers: the idle limit.
     idle = raw_request(server, head)
     for answer, why in ((trickle, b"3 s"), (idle, b"1 s")):
