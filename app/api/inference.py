@@ -6,6 +6,8 @@ Tensors: input ``image`` (BYTES [N], encoded images, decoded as ``POST /segment`
 size) and ``class_shares`` (FP32 [N,C], each class's share of the pixels).
 """
 
+from contextlib import contextmanager
+
 import cv2
 import numpy as np
 from fastapi.concurrency import run_in_threadpool
@@ -50,8 +52,9 @@ async def infer(state: ServiceState, control: ModelControl, name: str, req: Infe
     try:
         with control.use(name) as model:
             images, pixels = input_images(req, raw, state.settings.max_request_images)
-            reservation.take(sum(image_area(item, pixels, state.settings) for item in images))
-            segs = await run_in_threadpool(segment_all, model, images, state.settings, pixels)
+            sizes = image_sizes(images, pixels, state.settings)
+            reservation.take(sum(width * height for width, height, _ in sizes))
+            segs = await run_in_threadpool(segment_all, model, images, sizes, state.settings, pixels)
             for seg in segs:
                 state.metrics.observe_stages(seg.timings)
             tracing.segmentations(segs, model)
@@ -60,30 +63,42 @@ async def infer(state: ServiceState, control: ModelControl, name: str, req: Infe
         reservation.release()
 
 
-def image_area(item, pixels: bool, settings) -> int:
-    """Width x height of one request image, from its header for encoded bytes (limits checked, nothing decoded)."""
-    if pixels:
-        return int(item.shape[0] * item.shape[1])
-    width, height, _ = check_header(item, settings.max_pixels, settings.min_side)
-    return width * height
-
-
-def segment_all(model: ServedModel, images: list, settings, pixels: bool) -> list[Segmentation]:
-    """The pipeline on each image of one request: encoded bytes decoded like ``POST /segment`` uploads, or RGB
-    arrays. An image's error names it when the request holds several."""
-    results = []
+def image_sizes(images: list, pixels: bool, settings) -> list[tuple[int, int, str | None]]:
+    """(width, height, format) of each request image, within the limits: from its header for encoded bytes (read
+    once here, nothing decoded; the format is None for arrays). An image's error names it when there are several."""
+    sizes = []
     for i, item in enumerate(images):
-        try:
+        with naming(i, len(images)):
             if pixels:
                 check_size(item.shape[1], item.shape[0], settings.max_pixels, settings.min_side)
+                sizes.append((int(item.shape[1]), int(item.shape[0]), None))
+            else:
+                sizes.append(check_header(item, settings.max_pixels, settings.min_side))
+    return sizes
+
+
+def segment_all(model: ServedModel, images: list, sizes: list, settings, pixels: bool) -> list[Segmentation]:
+    """The pipeline on each image of one request (``sizes`` from :func:`image_sizes`): encoded bytes decoded like
+    ``POST /segment`` uploads, or RGB arrays."""
+    results = []
+    for i, (item, header) in enumerate(zip(images, sizes)):
+        with naming(i, len(images)):
+            if pixels:
                 seg = segment_image(model, cv2.cvtColor(item, cv2.COLOR_RGB2BGR), settings.max_dynamic_side)
             else:
                 seg = segment_bytes(model, item, settings.max_pixels, settings.max_dynamic_side, settings.min_side,
-                                    settings.gpu_decode and model.decodes_on_gpu)
-        except ImageError as exc:
-            raise ImageError(exc.status_code, f"image {i}: {exc.detail}" if len(images) > 1 else exc.detail) from None
+                                    settings.gpu_decode and model.decodes_on_gpu, header=header)
         results.append(seg)
     return results
+
+
+@contextmanager
+def naming(index: int, count: int):
+    """Prefix an image's error with ``image N:`` when the request holds several."""
+    try:
+        yield
+    except ImageError as exc:
+        raise ImageError(exc.status_code, f"image {index}: {exc.detail}" if count > 1 else exc.detail) from None
 
 
 def input_images(req: InferRequest, raw: dict[str, bytes], max_images: int) -> tuple[list, bool]:
