@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -16,6 +17,9 @@ import pytest
 
 from app.builds.jobs import JobQueue
 from app.core.errors import Conflict
+from app.engines import OrtOptions, load_model
+from app.engines.memory import gpu_growth, load_device_bytes, process_gpu_bytes
+from app.engines.tensorrt import engine_device_bytes
 from app.repository import ControlStore, pid_alive
 
 from .models import RGB_META, ROOT, argmin_model, decode_png, make_client, png_bytes, quadrants, rgb_model
@@ -97,6 +101,88 @@ def test_store_survives_kill_9_mid_transaction(tmp_path):
     assert store.desired().loaded == {"a", "b"}
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_store_from_before_gpu_figures_takes_them(tmp_path):
+    """A control store written by a version without the GPU column opens, and reports carry both figures."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE workers (host TEXT NOT NULL, pid INTEGER NOT NULL, model TEXT NOT NULL, state TEXT "
+                   "NOT NULL, error TEXT, memory_bytes INTEGER, generation INTEGER, serving TEXT, updated REAL NOT "
+                   "NULL, PRIMARY KEY (host, pid, model))")
+    store = ControlStore(path)
+    store.report(os.getpid(), {"a": {"state": "loaded", "memory_bytes": 5, "device_bytes": 7}}, 1, "a")
+    (row,) = store.workers()
+    assert (row["model"], row["memory_bytes"], row["device_bytes"]) == ("a", 5, 7)
+    ControlStore(path)  # opening it again adds nothing twice
+
+
+# ---- memory a load takes ------------------------------------------------------------------------------------
+
+
+def nvml_like(listing: dict[int, list[tuple[int, int | None]]], asked: list):
+    """A process lister as NVML answers: per device index, (pid, used bytes) of each compute process; None for a
+    device it does not have. Records the devices asked for."""
+    def processes(device: int):
+        asked.append(device)
+        if device not in listing:
+            return None
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in listing[device]]
+    return processes
+
+
+def test_process_gpu_bytes_reads_one_process_of_one_device():
+    asked = []
+    lister = nvml_like({0: [(10, 300), (11, 999), (10, 200)], 1: [(10, None)]}, asked)
+    assert process_gpu_bytes(10, 0, lister) == 500  # a process listed twice (MIG instances) counts twice
+    assert process_gpu_bytes(12, 0, lister) == 0  # no CUDA context on that GPU yet
+    assert process_gpu_bytes(10, 1, lister) is None  # NVML has no figure for it
+    assert process_gpu_bytes(10, 2, lister) is None  # no such GPU
+    assert asked == [0, 0, 1, 2]
+    assert gpu_growth(100, 350) == 250 and gpu_growth(300, 200) == 0
+    assert gpu_growth(None, 350) is None and gpu_growth(100, None) is None
+    assert gpu_growth(0, 0) is None  # not listed after a load onto the GPU: another pid namespace
+    assert process_gpu_bytes(os.getpid(), 99) is None  # the real NVML (or its absence): no GPU 99, no error
+
+
+class LoadedOn:
+    """A loaded model as ``load_device_bytes`` reads it: its device and its backend's own figure and device."""
+
+    def __init__(self, device: str, held: int | None, device_index: int = 0):
+        self.device = device
+        self.runtime = SimpleNamespace(device_bytes=lambda: held, device_index=device_index)
+
+
+def test_load_device_bytes_per_backend(engines):
+    pid, asked = os.getpid(), []
+    lister = nvml_like({1: [(pid, 1_500)]}, asked)
+    assert load_device_bytes(LoadedOn("cuda", None, device_index=1), pid, 1_000, lister) == 500  # ONNX Runtime
+    assert load_device_bytes(LoadedOn("cuda", 4_096), pid, 1_000, lister) == 4_096  # TensorRT knows its own
+    assert load_device_bytes(LoadedOn("cuda", None, device_index=1), pid, None, lister) is None  # no reading before
+    assert asked == [1, 1]
+    cpu = load_model(rgb_model(engines / "m.onnx"), ort=OrtOptions(providers="cpu"))
+    try:
+        assert load_device_bytes(cpu, pid, 0, lister) is None and asked == [1, 1]  # the CPU: nothing to ask
+    finally:
+        cpu.close()
+
+
+def test_engine_device_bytes_across_tensorrt_versions():
+    """The context's memory plus the weights: TensorRT 10's names, and the older ones (the plan's size stands in for
+    weights where the engine has no statistics)."""
+    stat = SimpleNamespace(TOTAL_WEIGHTS_SIZE="total weights")
+
+    class Engine10:
+        device_memory_size_v2 = 1_000
+
+        def get_engine_stat(self, which):
+            return {"total weights": 20_000}[which]
+
+    class Engine8:
+        device_memory_size = 700
+
+    assert engine_device_bytes(Engine10(), SimpleNamespace(EngineStat=stat), plan_bytes=25_000) == 21_000
+    assert engine_device_bytes(Engine8(), SimpleNamespace(), plan_bytes=25_000) == 25_700
 
 
 # ---- build jobs in the store --------------------------------------------------------------------------------
@@ -200,6 +286,21 @@ def test_model_per_request_and_model_control(two_models):
         assert segment(c, model="rgb").status_code == 409
         assert {m["name"]: m["state"] for m in c.get("/models").json()["models"]} == \
             {"rgb": "unloaded", "weakest": "loaded"}
+
+
+def test_models_show_the_memory_each_load_took(two_models):
+    """On the CPU: host RSS growth per worker and summed, GPU memory null; nothing for a model not loaded."""
+    with make_client(two_models, "rgb", admin_token=TOKEN) as c:
+        assert c.post("/models/weakest/load", headers=AUTH).status_code == 200
+        listing = {m["name"]: m for m in c.get("/models").json()["models"]}
+        for name in ("rgb", "weakest"):
+            memory, (worker,) = listing[name]["memory"], listing[name]["workers"].values()
+            assert set(memory) == {"host_rss_bytes", "device_bytes"} and memory["device_bytes"] is None
+            assert isinstance(memory["host_rss_bytes"], int) and memory["host_rss_bytes"] >= 0
+            assert worker == {"state": "loaded", "error": None, "memory": memory}
+        assert c.post("/models/weakest/unload", headers=AUTH).status_code == 200
+        weakest = next(m for m in c.get("/models").json()["models"] if m["name"] == "weakest")
+        assert weakest["memory"] is None and weakest["workers"] == {}
 
 
 def test_autoload_keeps_at_most_max_loaded_models_never_the_default(two_models):

@@ -74,6 +74,17 @@ def test_cuda_is_chosen_by_itself_and_reported(engines):
         assert labels.shape == truth.shape and (labels == truth).mean() >= 0.995
 
 
+def test_models_show_the_gpu_memory_a_load_took(engines):
+    """GET /models: the ONNX Runtime session's GPU memory, read through NVML around the load (the worker's first
+    model also carries its CUDA context)."""
+    pytest.importorskip("pynvml", reason="nvidia-ml-py (the gpu extra) reads GPU memory")
+    _default_model_in(engines)
+    with make_client(engines, DEFAULT.stem) as c:
+        (model,) = c.get("/models").json()["models"]
+        (worker,) = model["workers"].values()
+        assert model["memory"]["device_bytes"] > 0 and worker["memory"] == model["memory"]
+
+
 def test_default_model_on_cuda_in_fp32_and_fp16_agrees_with_the_cpu(tmp_path):
     from app.builds.compiler import compile_model
     from app.builds.options import BuildOptions

@@ -22,6 +22,9 @@ class Backend(Protocol):
     device: str
     shape_change_is_costly: bool
     can_bind_gpu_input: bool
+    device_index: int  # the CUDA device it runs on
+
+    def device_bytes(self) -> int | None: ...  # GPU memory it knows it holds; None: measure it from outside
 
     def run_bound(self, input_name: str, image) -> np.ndarray: ...
 

@@ -32,6 +32,11 @@ class OrtOptions:
     cuda_blocking_sync: bool = False  # waits for the GPU sleep instead of spinning a CPU core
     spin: bool = True  # idle intra-op threads spin (lowest latency for one model; off when several share the cores)
 
+    @property
+    def cuda_device(self) -> int:
+        """The CUDA device the CUDA provider uses (its ``device_id`` option, 0 by default)."""
+        return int(self.cuda_options.get("device_id", 0))
+
     @classmethod
     def from_settings(cls, settings) -> "OrtOptions":
         return cls(settings.ort_providers, settings.ort_threads, dict(settings.ort_cuda_options),
@@ -148,6 +153,12 @@ class OnnxRuntime:
 
     def __init__(self, path: Path, options: OrtOptions = OrtOptions()):
         self.runner = NumpyOnnxrtRunner(OrtSessionLoader(path, options), name=path.stem)
+        self.device_index = options.cuda_device
+
+    def device_bytes(self) -> None:
+        """ONNX Runtime does not say what its CUDA provider allocated: the process's GPU memory is read around the
+        load instead (``memory.load_device_bytes``)."""
+        return None
 
     @property
     def device(self) -> str:

@@ -32,6 +32,21 @@ def engine_mismatch(build: dict, trt_version: str, gpu: dict) -> str | None:
     return "; ".join(problems) or None
 
 
+def engine_device_bytes(engine, trt, plan_bytes: int) -> int:
+    """GPU memory an engine takes with the one execution context Polygraphy makes: ``device_memory_size_v2`` (the
+    context's, TensorRT 10) or ``device_memory_size`` (older), plus its weights (``EngineStat.TOTAL_WEIGHTS_SIZE``
+    where this TensorRT has it; else ``plan_bytes``, the serialized engine's size, which the weights dominate)."""
+    context = getattr(engine, "device_memory_size_v2", None)
+    if context is None:
+        context = engine.device_memory_size
+    stat = getattr(trt, "EngineStat", None)
+    if stat is not None and hasattr(engine, "get_engine_stat"):
+        weights = engine.get_engine_stat(stat.TOTAL_WEIGHTS_SIZE)
+    else:
+        weights = plan_bytes
+    return int(context) + int(weights)
+
+
 class TensorRT:
     """One engine file behind ``TrtRunner``; refuses engines built for another TensorRT version or GPU."""
 
@@ -39,6 +54,7 @@ class TensorRT:
     device = "cuda"
     shape_change_is_costly = False  # an optimisation profile covers the range it was built for
     can_bind_gpu_input = False
+    device_index = 0  # Polygraphy's runner uses the current CUDA device
 
     def __init__(self, path: Path, meta: ModelMeta):
         if not tensorrt_available():
@@ -53,6 +69,17 @@ class TensorRT:
                                      f"({build.get('source') or 'the source model'}) with `segment compile` or "
                                      "POST /engines.")
         self.runner = TrtRunner(EngineFromBytes(BytesFromPath(str(path))), name=path.stem)
+        self.path = path
+
+    def device_bytes(self) -> int | None:
+        """The active engine's GPU memory: its execution context's (activations, scratch) plus its weights."""
+        import tensorrt as trt
+
+        engine = getattr(self.runner, "engine", None)
+        try:
+            return None if engine is None else engine_device_bytes(engine, trt, self.path.stat().st_size)
+        except (AttributeError, TypeError, RuntimeError, OSError):  # a figure for the admin view never fails a load
+            return None
 
     def run_bound(self, input_name: str, image):
         raise NotImplementedError("TensorRT engines take host arrays here")

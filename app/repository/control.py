@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS wanted (name TEXT PRIMARY KEY, since REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS workers (
     host TEXT NOT NULL, pid INTEGER NOT NULL, model TEXT NOT NULL, state TEXT NOT NULL, error TEXT,
-    memory_bytes INTEGER, generation INTEGER, serving TEXT, updated REAL NOT NULL, PRIMARY KEY (host, pid, model));
+    memory_bytes INTEGER, generation INTEGER, serving TEXT, updated REAL NOT NULL, device_bytes INTEGER,
+    PRIMARY KEY (host, pid, model));
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, name TEXT NOT NULL, command TEXT NOT NULL,
     request TEXT, state TEXT NOT NULL, progress TEXT NOT NULL DEFAULT '[]', error TEXT,
@@ -70,6 +71,9 @@ class ControlStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+        with self.transaction() as db:  # a store written before workers reported GPU memory
+            if "device_bytes" not in {r[1] for r in db.execute("PRAGMA table_info(workers)")}:
+                db.execute("ALTER TABLE workers ADD COLUMN device_bytes INTEGER")
 
     @contextmanager
     def _connect(self):
@@ -172,14 +176,17 @@ class ControlStore:
     # ---- what each worker has ------------------------------------------------------------------------------
 
     def report(self, pid: int, rows: dict[str, dict], generation: int, serving: str | None) -> None:
-        """Replace what worker ``pid`` of this host reports: {model: {state, error, memory_bytes}}, the generation
-        it has applied and the default it serves (a row named "" when it has no model at all)."""
+        """Replace what worker ``pid`` of this host reports: {model: {state, error, memory_bytes (host RSS growth),
+        device_bytes (GPU memory)}}, the generation it has applied and the default it serves (a row named "" when it
+        has no model at all)."""
         now = time.time()
         with self.transaction() as db:
             db.execute("DELETE FROM workers WHERE host = ? AND pid = ?", (HOST, pid))
-            db.executemany("INSERT INTO workers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [
-                (HOST, pid, name, r["state"], r.get("error"), r.get("memory_bytes"), generation, serving, now)
-                for name, r in (rows or {"": {"state": "none"}}).items()])
+            db.executemany(
+                "INSERT INTO workers (host, pid, model, state, error, memory_bytes, device_bytes, generation, serving, "
+                "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(HOST, pid, name, r["state"], r.get("error"), r.get("memory_bytes"), r.get("device_bytes"), generation,
+                  serving, now) for name, r in (rows or {"": {"state": "none"}}).items()])
 
     def forget_worker(self, pid: int) -> None:
         with self.transaction() as db:

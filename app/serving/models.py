@@ -17,19 +17,13 @@ from typing import Callable
 
 from ..core.config import Settings
 from ..core.errors import Conflict, ModelError, NotFound, ServiceError
+from ..engines import OrtOptions
+from ..engines.memory import load_device_bytes, process_gpu_bytes, rss_bytes
 from ..repository import ControlStore, ModelRepository
 from .metrics import Metrics
 from .served import ServedModel
 
 log = logging.getLogger("segment.models")
-
-
-def rss_bytes() -> int:
-    """This process's resident memory (Linux; 0 elsewhere)."""
-    try:
-        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 class NoModel(ServiceError):
@@ -47,7 +41,9 @@ class ModelSet:
         self.loader = loader
         self.pid = os.getpid()
         self._models: dict[str, ServedModel] = {}
-        self._memory: dict[str, int] = {}  # host RSS grown by each load (approximate: other threads run meanwhile)
+        # what each load took: host RSS growth and GPU memory (approximate: other threads run meanwhile)
+        self._memory: dict[str, dict] = {}
+        self._cuda_device = OrtOptions.from_settings(settings).cuda_device
         self._failed: dict[str, str] = {}  # name -> why it could not be loaded here
         self._loading: set[str] = set()
         self._last_used: dict[str, float] = {}
@@ -229,7 +225,7 @@ class ModelSet:
             self._loading.add(name)
             self._failed.pop(name, None)
         self._report()
-        before = rss_bytes()
+        host_before, gpu_before = rss_bytes(), process_gpu_bytes(self.pid, self._cuda_device)
         try:
             model = self.loader(name)
         except (ServiceError, OSError) as exc:
@@ -242,8 +238,10 @@ class ModelSet:
         finally:
             with self._lock:
                 self._loading.discard(name)
+        memory = {"memory_bytes": max(rss_bytes() - host_before, 0),
+                  "device_bytes": load_device_bytes(model, self.pid, gpu_before)}
         with self._lock:
-            self._models[name], self._memory[name] = model, max(rss_bytes() - before, 0)
+            self._models[name], self._memory[name] = model, memory
         self.metrics.loaded.labels(name).set(1)
         log.info("%s loaded (%s on %s)", name, model.backend, model.device)
         return model
@@ -266,7 +264,7 @@ class ModelSet:
     def states(self) -> dict[str, dict]:
         """This worker's models: loaded, loading, or failed with the reason."""
         with self._lock:
-            rows = {n: {"state": "loaded", "memory_bytes": self._memory.get(n)} for n in self._models}
+            rows = {n: {"state": "loaded", **self._memory.get(n, {})} for n in self._models}
             rows.update({n: {"state": "loading"} for n in self._loading})
             rows.update({n: {"state": "failed", "error": why} for n, why in self._failed.items()})
         return rows

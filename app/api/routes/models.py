@@ -10,6 +10,22 @@ from ..deps import AdminDep, ModelsDep
 router = APIRouter(prefix="/models", tags=["models"])
 
 
+def memory(row: dict) -> dict | None:
+    """What one worker's load of a model took: host RSS growth, GPU memory (None on the CPU or unknown)."""
+    if row["state"] != "loaded":
+        return None
+    return {"host_rss_bytes": row["memory_bytes"], "device_bytes": row["device_bytes"]}
+
+
+def total_memory(rows: list[dict]) -> dict | None:
+    """The memory of a model summed over the workers that have it loaded (None when none has); ``device_bytes``
+    None when none of them reports a GPU figure."""
+    if not rows:
+        return None
+    device = [r["device_bytes"] for r in rows if r["device_bytes"] is not None]
+    return {"host_rss_bytes": sum(r["memory_bytes"] or 0 for r in rows), "device_bytes": sum(device) if device else None}
+
+
 def overview(models: ModelSet, names: list[str] | None = None) -> list[dict]:
     """Every model of the repository (or ``names``) with its state across the live workers."""
     desired, workers = models.store.desired(), models.store.workers()
@@ -30,8 +46,8 @@ def overview(models: ModelSet, names: list[str] | None = None) -> list[dict]:
             "classes": meta.get("class_names"), "default": name == desired.default, "wanted": name in desired.loaded,
             "state": state, "reason": next((w["error"] for w in rows if w["state"] == "failed"), None),
             "workers_loaded": sum(w["state"] == "loaded" for w in rows), "workers_total": len(pids),
-            "memory_bytes": sum(w["memory_bytes"] or 0 for w in rows if w["state"] == "loaded"),
-            "workers": {str(w["pid"]): {k: w[k] for k in ("state", "error", "memory_bytes")} for w in rows},
+            "memory": total_memory([w for w in rows if w["state"] == "loaded"]),
+            "workers": {str(w["pid"]): {"state": w["state"], "error": w["error"], "memory": memory(w)} for w in rows},
         })
     return out
 
@@ -40,7 +56,8 @@ def overview(models: ModelSet, names: list[str] | None = None) -> list[dict]:
 def list_models(models: ModelsDep) -> dict:
     """Every model in the repository: kind, precision, input size, classes, whether it is the default, and its
     state (`loaded`, `unloaded`, `loading`, `failed` with the reason) with how many of the live workers have it
-    loaded, the host memory it took there (RSS growth at load, summed) and each worker's view. `workers`: every
+    loaded, the memory it took there (`memory`: `host_rss_bytes`, the RSS growth at load, and `device_bytes`, GPU
+    memory, null on the CPU; summed over workers) and each worker's view with its own figures. `workers`: every
     live worker with the store generation it has applied and the default it serves (a worker behind the store's
     `generation` is still catching up)."""
     workers = {}
