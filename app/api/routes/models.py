@@ -32,6 +32,7 @@ def overview(models: ModelSet, names: list[str] | None = None) -> list[dict]:
             "workers_loaded": sum(w["state"] == "loaded" for w in rows), "workers_total": len(pids),
             "memory_bytes": sum(w["memory_bytes"] or 0 for w in rows if w["state"] == "loaded"),
             "workers": {str(w["pid"]): {k: w[k] for k in ("state", "error", "memory_bytes")} for w in rows},
+            **({"engines": entry["engines"]} if "engines" in entry else {}),
         })
     return out
 
