@@ -25,7 +25,7 @@ EPILOG = """examples (the seed's three commands work as written, on .onnx files 
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from .core.config import get_settings
+    from .core.config import get_settings, is_uri
     from .core.resources import seed_repository
 
     settings = get_settings()
@@ -33,7 +33,8 @@ def cmd_serve(args) -> int:
         return serve_on_ray(settings, args)
     if args.address:
         raise fail("--address joins a Ray cluster: use it with --ray")
-    seed_repository(settings.engines_dir)  # once, before the workers start and open the control store there
+    if not is_uri(settings.engines_dir):  # an object-store repository is the operator's to fill
+        seed_repository(settings.engines_dir)  # once, before the workers start and open the control store there
     workers, metrics_dir = args.workers or settings.workers, None
     if workers > 1:
         # The worker processes read both at start-up: their settings, and where Prometheus values are shared.
@@ -256,9 +257,17 @@ def cmd_test(args) -> int:
 
 def cmd_engines(args) -> int:
     from .core.config import get_settings
-    from .repository import ModelRepository
+    from .repository.remote import repository_at
 
-    entries = ModelRepository(args.dir or get_settings().engines_dir).list()
+    settings = get_settings()
+    try:
+        repository = repository_at(args.dir or settings.engines_dir, settings.model_cache_dir)
+    except ValueError as exc:
+        raise fail(str(exc))
+    if args.stamp_sha256:
+        stamped = repository.stamp_sha256()
+        print(f"recorded the sha256 of {len(stamped)} model file(s) in their metadata: {', '.join(stamped) or '-'}")
+    entries = repository.list()
     if not entries:
         print("the model repository is empty")
     for e in entries:
@@ -436,7 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_test)
 
     p = _command(sub, "engines", "list the model repository", "segment engines", "segment engines --dir /srv/models")
-    p.add_argument("--dir", type=Path, help="repository folder (default: SEGMENT_ENGINES_DIR)")
+    p.add_argument("--dir", help="repository folder or fsspec URI (default: SEGMENT_ENGINES_DIR)")
+    p.add_argument("--stamp-sha256", action="store_true",
+                   help="record each model file's sha256 in its metadata (a folder, before copying it to an object "
+                        "store)")
     p.set_defaults(func=cmd_engines)
 
     p = _command(sub, "export", "export a BiSeNet checkpoint to ONNX with its metadata (needs the export extra)",
@@ -500,7 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as exc:
+        from pydantic import ValidationError
+
+        if not isinstance(exc, ValidationError) or exc.title != "Settings":
+            raise
+        # A setting the service cannot start with (an unknown URI scheme, a missing SEGMENT_CONTROL_DB...): say
+        # which and why, without a traceback.
+        raise fail("invalid settings: " + "; ".join(
+            f"{'SEGMENT_' + str(e['loc'][0]).upper() + ': ' if e['loc'] else ''}{e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors())) from None
 
 
 if __name__ == "__main__":

@@ -222,6 +222,28 @@ def test_a_model_that_cannot_load_says_why_in_readyz(cluster):
         serve.delete("broken")
 
 
+def test_a_repository_at_a_uri_serves_through_each_replicas_cache(cluster):
+    """engines_dir a file:// URI: the replicas fetch the model into their cache, checked by its sha256."""
+    from app.repository import ModelRepository
+
+    bucket = cluster.tmp / "bucket"
+    rgb_model(bucket / "rgb.onnx")
+    ModelRepository(bucket).stamp_sha256()
+    cache = cluster.tmp / "cache"
+    cluster.deploy("uri", "/uri", engines_dir=bucket.as_uri(), model="rgb", ray_min_replicas=1, ray_max_replicas=1,
+                   control_db=cluster.tmp / "uri.db", model_cache_dir=cache)
+    try:
+        assert cluster.wait_ready("/uri").json() == {"status": "ready", "model": "rgb"}
+        photo, truth = quadrants(64, 64)
+        r = segment(f"{cluster.url}/uri", png_bytes(photo), view="labels")
+        assert r.status_code == 200 and np.array_equal(decode_png(r.content), truth)
+        assert [p.read_bytes() for p in cache.glob("*/rgb.onnx")] == [(bucket / "rgb.onnx").read_bytes()]
+        r = httpx.delete(f"{cluster.url}/uri/engines/rgb")
+        assert r.status_code == 409 and "read-only" in r.json()["detail"]
+    finally:
+        serve.delete("uri")
+
+
 class Load:
     """Client threads posting photos until stopped; every answer kept (status, model, headers)."""
 

@@ -125,7 +125,8 @@ def export(arch: str, out: Path, *, weights: Path | None, classes: int, dataset:
     meta = ModelMeta(dataset=dataset, arch=arch, num_classes=classes, class_names=names, palette=palette,
                      mean=mean, std=std, input_size=(height, width), trained=weights is not None,
                      input_format="uint8_nhwc" if raw else "float_nchw",
-                     source_sha256=sha256_file(weights) if weights else None, description=description,
+                     source_sha256=sha256_file(weights) if weights else None, sha256=sha256_file(out),
+                     description=description,
                      extra={"output": output, "input": input_kind, "dynamic_hw": dynamic_hw, "opset": opset,
                             "precision": "fp32", "seed": None if weights else seed, "exported_with": f"torch {torch.__version__}",
                             "check": check, **(extra or {})})

@@ -149,6 +149,7 @@ def compile_model(onnx_path: Path, out_path: Path, opts: BuildOptions,
             **({"calibration_size": list(size)} if opts.precision == "int8" else {}),
             options=opts.model_dump(mode="json"), build_seconds=round(duration, 2), file_bytes=built.stat().st_size,
             parity=check)
+        meta.sha256 = sha256_file(built)  # what a copy fetched from a remote repository is checked against
         # The registry lists model files. An engine counts as built only once its metadata exists, so that
         # goes last; an ONNX file is served as soon as it exists, so its metadata must already be there.
         if target == "onnxruntime":

@@ -25,7 +25,7 @@ from ..core.config import Settings
 from ..core.errors import ServiceError
 from ..engines import OrtOptions, load_model
 from ..main import create_app
-from ..repository import ControlStore, ModelRepository
+from ..repository import ControlStore, open_repository
 from ..serving.batching import pad_batch
 from ..serving.pipeline import preprocess
 from ..serving.served import ServedModel
@@ -51,7 +51,7 @@ class SegmentModel:
         s = Settings()
         if s.ort_threads == 0:  # one ONNX Runtime thread per CPU given to this replica (ORT ignores Ray's OMP_*)
             s = s.model_copy(update={"ort_threads": max(1, int(s.ray_model_cpus))})
-        self.settings, self.repository = s, ModelRepository(s.engines_dir)
+        self.settings, self.repository = s, open_repository(s)
         self.served_by = here()
         self.batched.set_max_batch_size(s.batch_max)
         self.batched.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
@@ -86,7 +86,7 @@ class SegmentModel:
 
     def _open(self, name: str) -> LoadedModel:
         s = self.settings
-        model = load_model(self.repository.path(name), backend=s.backend, ort=OrtOptions.from_settings(s))
+        model = load_model(self.repository.local_path(name), backend=s.backend, ort=OrtOptions.from_settings(s))
         if model.runtime.shape_change_is_costly and model.batch_dynamic and not model.dynamic_hw:
             # ONNX Runtime on CUDA re-plans for seconds on a new input shape: warm the one batch shape used.
             model.infer(np.zeros(model.input_shape(s.batch_max, *model.input_hw), model.input_dtype))

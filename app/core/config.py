@@ -1,5 +1,6 @@
 """Service settings, read from ``SEGMENT_*`` environment variables (and a ``.env`` file if present)."""
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -15,9 +16,15 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SEGMENT_", env_file=".env", extra="ignore")
 
-    engines_dir: Path = Field(
-        Path("engines"), description="Model repository: ONNX files, engines, metadata JSON. Created with the bundled "
-                                     "models when it does not exist yet; relative paths are from the working folder.")
+    engines_dir: Path | str = Field(
+        Path("engines"), description="Model repository: ONNX files, engines, metadata JSON. A folder (created with "
+                                     "the bundled models when it does not exist yet; relative paths are from the "
+                                     "working folder) or an fsspec URI (s3://, gs://, file://, memory://; read-only, "
+                                     "fetched into model_cache_dir and checked by hash; needs control_db).")
+    model_cache_dir: Path = Field(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bisenet-serve" / "models",
+        description="With an engines_dir URI: the local copies of its models, one folder per URI, each file checked "
+                    "against the sha256 in its metadata.")
     model: str = Field(DEFAULT_MODEL, description="Default model at the first start and whenever this setting changes "
                                                   "(else the default set through the API persists): a file name or "
                                                   "stem inside engines_dir.")
@@ -109,6 +116,14 @@ class Settings(BaseSettings):
     ray_retries: int = Field(2, ge=0, description="Ray: retries of a call whose model replica died (node lost) "
                                                   "before answering 503 + Retry-After.")
 
+    @field_validator("engines_dir", mode="before")
+    @classmethod
+    def _folder_or_uri(cls, value):
+        # A URI stays text (a Path would fold "s3://b" into "s3:/b"); anything else is a folder.
+        if isinstance(value, str) and "://" in value:
+            return check_uri(value)
+        return Path(value) if isinstance(value, str) else value
+
     @field_validator("admin_token", mode="after")
     @classmethod
     def _blank_token_is_unset(cls, token: SecretStr | None) -> SecretStr | None:
@@ -123,6 +138,34 @@ class Settings(BaseSettings):
             raise ValueError(f"max_pixels_inflight ({self.max_pixels_inflight:,}) must be at least max_pixels "
                              f"({self.max_pixels:,}): an image within the limit could otherwise never be served")
         return self
+
+    @model_validator(mode="after")
+    def _store_beside_a_remote_repository(self):
+        if is_uri(self.engines_dir) and self.control_db is None:
+            raise ValueError(f"engines_dir is the object-store URI {self.engines_dir}: the control store (SQLite) needs "
+                             "a local or shared filesystem, so set SEGMENT_CONTROL_DB to a file path there")
+        return self
+
+
+def is_uri(location: Path | str) -> bool:
+    """Whether a repository location is an fsspec URI (text) rather than a folder."""
+    return isinstance(location, str)
+
+
+def check_uri(uri: str) -> str:
+    """``uri`` without trailing slashes, if fsspec knows its scheme and can open it here (its package installed)."""
+    import fsspec  # only for a URI: a folder never imports it
+
+    scheme = uri.split("://", 1)[0].lower()
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ValueError:
+        raise ValueError(f"unknown URI scheme {scheme!r} in {uri!r}: use a folder or one of s3://, gs://, file://, "
+                         f"memory:// (fsspec's schemes)") from None
+    except ImportError as exc:
+        raise ValueError(f"{uri!r} needs a package this install lacks: {exc} (e.g. pip install s3fs for s3://, "
+                         "gcsfs for gs://)") from None
+    return uri.rstrip("/")
 
 
 @lru_cache

@@ -45,6 +45,8 @@ class ModelMeta(BaseModel):
     input_format: str = Field("float_nchw", description="float_nchw (normalised) or uint8_nhwc (raw RGB pixels)")
     trained: bool = True
     source_sha256: str | None = None
+    sha256: str | None = Field(None, description="SHA-256 of the model file itself: a copy fetched from a remote "
+                                                 "repository must match it")
     description: str | None = None
     precision: Precision = Field("fp32", description="numeric precision the model computes in")
     build: BuildInfo | None = Field(None, description="set on models made by a build")

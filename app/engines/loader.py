@@ -100,7 +100,9 @@ def _inspect(path: Path, meta, runtime) -> SegmentationModel:
                                            list(tmeta.shape))
     except ValueError as exc:
         raise ModelError(f"{path.name}: {exc}") from None
-    model = SegmentationModel(name=path.stem, path=path, meta=meta, runtime=runtime, contract=contract)
+    # NAME.onnx, NAME.engine or NAME.<gpu-kind>.engine: the model is NAME
+    name = path.name.split(".", 1)[0] if path.suffix.lower() in ENGINE_SUFFIXES else path.stem
+    model = SegmentationModel(name=name, path=path, meta=meta, runtime=runtime, contract=contract)
     # Dry run: proves the model executes, and tells logits from labels by what comes out.
     h = contract.hw[0] or (meta.input_size[0] if meta.input_size else 64)
     w = contract.hw[1] or (meta.input_size[1] if meta.input_size else 64)

@@ -5,6 +5,7 @@ every entry point says so with :class:`~app.core.errors.TensorRTUnavailable` (50
 """
 
 import importlib.util
+import re
 from pathlib import Path
 
 from ..core.errors import IncompatibleEngine, TensorRTUnavailable
@@ -45,6 +46,54 @@ def engine_device_bytes(engine, trt, plan_bytes: int) -> int:
     else:
         weights = plan_bytes
     return int(context) + int(weights)
+
+
+def local_gpu() -> dict:
+    """This node as engines are chosen for it: GPU name, compute capability and the installed TensorRT's version,
+    read from its package metadata (``tensorrt`` itself is never imported for this)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        trt = version("tensorrt")
+    except PackageNotFoundError:
+        trt = None
+    return {**gpu_info(), "tensorrt_version": trt}
+
+
+def built_for(desc: dict) -> str:
+    """``NVIDIA H100 (sm90, TensorRT 10.3)``: a GPU kind as build metadata or :func:`local_gpu` describe it."""
+    cc = desc.get("compute_capability")
+    trt = desc.get("tensorrt_version")
+    return (f"{desc.get('gpu') or 'no GPU'} ({'sm' + cc.replace('.', '') if cc else 'no compute capability'}, "
+            f"{'TensorRT ' + trt if trt else 'no TensorRT'})")
+
+
+def choose_engine(engines: dict[str, dict], here: dict) -> str:
+    """The file among ``engines`` (file name -> its build metadata) to run on ``here`` (:func:`local_gpu`): one built
+    with this TensorRT major.minor for this compute capability, the same GPU model first.
+    :class:`IncompatibleEngine` (409) naming what each was built for and what this node has when none fits."""
+    if not here.get("tensorrt_version") or not here.get("compute_capability"):
+        fits = []
+    else:
+        fits = [f for f, build in sorted(engines.items())
+                if engine_mismatch(build, here["tensorrt_version"], here) is None
+                and build.get("tensorrt_version") and build.get("compute_capability")]
+    if not fits:
+        kinds = "; ".join(f"{f} built for {built_for(b)}" for f, b in sorted(engines.items()))
+        name = min(engines).split(".", 1)[0]
+        add = f" and add it beside them as {name}.{engine_kind(here)}.engine" if here.get("compute_capability") else ""
+        raise IncompatibleEngine(f"no engine of {name!r} runs here: {kinds}; this node has {built_for(here)}. "
+                                 f"Build one on such a node from the ONNX source (`segment compile` or POST /engines)"
+                                 f"{add}")
+    return next((f for f in fits if engines[f].get("gpu") == here.get("gpu")), fits[0])
+
+
+def engine_kind(build: dict) -> str:
+    """A file-name tag for the GPU kind an engine was built for, e.g. ``nvidia-h100-80gb-hbm3.sm90.trt10-3``."""
+    gpu = re.sub(r"[^a-z0-9]+", "-", (build.get("gpu") or "gpu").lower()).strip("-")
+    cc = (build.get("compute_capability") or "").replace(".", "")
+    trt = "-".join((build.get("tensorrt_version") or "").split(".")[:2])
+    return f"{gpu}.sm{cc}.trt{trt}"
 
 
 class TensorRT:

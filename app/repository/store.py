@@ -8,8 +8,9 @@ from pathlib import Path
 import onnx
 
 from ..core.errors import Conflict, MetadataError, ModelError, NotFound
-from ..core.metadata import ModelMeta, load_meta, meta_path, save_meta, write_atomic
-from ..engines import MODEL_SUFFIXES, ONNX_SUFFIXES, check_onnx_graph, load_model
+from ..core.metadata import ModelMeta, load_meta, meta_path, save_meta, sha256_file, write_atomic
+from ..engines import ENGINE_SUFFIXES, MODEL_SUFFIXES, ONNX_SUFFIXES, check_onnx_graph, load_model
+from ..engines.tensorrt import built_for, choose_engine, local_gpu
 from .control import pid_alive
 
 STAGED_PREFIX = ".upload."  # staged uploads: .upload.<pid>.<random>.onnx (+ .json)
@@ -17,6 +18,7 @@ STAGED_PREFIX = ".upload."  # staged uploads: .upload.<pid>.<random>.onnx (+ .js
 # trailing newline through). No dots: a name becomes NAME.onnx / NAME.engine / NAME.json, and a dot would make
 # "a.onnx" both a name and a file, or let a name end in a model suffix.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+KIND_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,127}")  # the GPU kind in NAME.<gpu-kind>.engine
 
 
 def check_name(name: str) -> str:
@@ -31,8 +33,23 @@ def kind_of(path: Path) -> str:
     return "onnx" if path.suffix.lower() in ONNX_SUFFIXES else "tensorrt"
 
 
+def split_file(file: str) -> tuple[str, str] | None:
+    """``(name, kind)`` of a model file name: ``NAME.onnx`` and ``NAME.engine`` have the kind ``""``; an engine may
+    carry the GPU kind it was built for, ``NAME.<gpu-kind>.engine`` (e.g. ``camvid.nvidia-h100.sm90.trt10-3.engine``).
+    None for anything else (hidden and staged files, metadata)."""
+    suffix = next((s for s in MODEL_SUFFIXES if file.lower().endswith(s)), None)
+    if suffix is None:
+        return None
+    name, _, kind = file[: -len(suffix)].partition(".")
+    if not NAME_RE.fullmatch(name) or (kind and (suffix not in ENGINE_SUFFIXES or not KIND_RE.fullmatch(kind))):
+        return None
+    return name, kind
+
+
 class ModelRepository:
-    """Reads and writes ``root``; names map to ``root/NAME.onnx`` or ``root/NAME.engine`` (+ ``NAME.json``)."""
+    """Reads and writes ``root``; names map to ``root/NAME.onnx`` or ``root/NAME.engine`` (+ ``NAME.json``), or to
+    several engines of one model for different GPU kinds, ``root/NAME.<gpu-kind>.engine``, of which the one built
+    for this node's GPU and TensorRT is loaded."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -42,45 +59,111 @@ class ModelRepository:
             raise ModelError(f"{path.name} resolves outside the model repository")
         return path
 
+    def listing(self) -> dict[str, int]:
+        """Every model file by file name, with its size in bytes."""
+        if not self.root.is_dir():
+            return {}
+        return {p.name: p.stat().st_size for p in self.root.iterdir() if p.is_file() and split_file(p.name)}
+
+    def files(self, name: str, listing: dict[str, int] | None = None) -> list[str]:
+        """The files of the model ``name`` (a stem, or a file name with its suffix); 404 when there are none. The
+        ONNX file comes first (it is the one served when both exist)."""
+        listing = self.listing() if listing is None else listing
+        if any(name.lower().endswith(s) for s in MODEL_SUFFIXES):  # one file, named with its suffix
+            if split_file(name) is None:
+                check_name(name.rsplit(".", 1)[0])  # says what is wrong with the name
+                raise ModelError(f"invalid model file name {name!r}")
+            if name not in listing:
+                raise NotFound(f"no model file {name!r} in the repository {self.location}")
+            return [name]
+        check_name(name)
+        order = {s: i for i, s in enumerate(MODEL_SUFFIXES)}
+        found = sorted((f for f in listing if split_file(f)[0] == name),
+                       key=lambda f: (order[Path(f).suffix.lower()], f))
+        if not found:
+            raise NotFound(f"no model called {name!r} in the repository {self.location}")
+        return found
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
     def path(self, name: str) -> Path:
-        """The model file called ``name`` (a stem, or a file name with its suffix)."""
-        suffix = next((s for s in MODEL_SUFFIXES if name.endswith(s)), "")
-        check_name(name[: len(name) - len(suffix)])
-        candidates = [self.root / name] if suffix else [self.root / f"{name}{s}" for s in MODEL_SUFFIXES]
-        for candidate in candidates:
-            if candidate.is_file():
-                return self._inside(candidate)
-        raise NotFound(f"no model called {name!r} in the repository {self.root}")
+        """The model file called ``name`` (a stem, or a file name with its suffix); of several engines, the first."""
+        return self._inside(self.root / self.files(name)[0])
+
+    def local_path(self, name: str) -> Path:
+        """The file to load on this node: of several engines, the one built for its GPU and TensorRT
+        (:class:`IncompatibleEngine`, 409, saying why when none is)."""
+        files = self.files(name)
+        if len(files) > 1 and kind_of(Path(files[0])) == "tensorrt":
+            builds = {}
+            for f in files:
+                try:
+                    meta = load_meta(self.root / f)
+                except MetadataError:
+                    continue
+                builds[f] = meta.build.model_dump() if meta.build else {}
+            return self._inside(self.root / choose_engine(builds, local_gpu()))
+        return self._inside(self.root / files[0])
+
+    def check_writable(self) -> None:
+        """Nothing here; a remote repository raises :class:`Conflict` (it is read-only through the service)."""
 
     def ensure_free(self, name: str) -> None:
         """Raise :class:`Conflict` if any model file is already called ``name``."""
-        if any((self.root / f"{name}{s}").exists() for s in MODEL_SUFFIXES):
-            raise Conflict(f"a model called {name!r} already exists; delete it first or pick another name")
+        try:
+            self.files(name)
+        except NotFound:
+            return
+        raise Conflict(f"a model called {name!r} already exists; delete it first or pick another name")
 
-    def describe(self, path: Path) -> dict:
+    def describe(self, path: Path, size: int | None = None) -> dict:
         """Name, kind, size and metadata of one model file."""
         try:
             meta, problem = load_meta(path).model_dump(), None
         except MetadataError as exc:
             meta, problem = None, str(exc)
         complete = kind_of(path) == "onnx" or (meta_path(path).exists() and bool((meta or {}).get("build")))
-        return {"name": path.stem, "file": path.name, "kind": kind_of(path), "bytes": path.stat().st_size,
+        return {"name": split_file(path.name)[0], "file": path.name, "kind": kind_of(path),
+                "bytes": path.stat().st_size if size is None else size,
                 "precision": (meta or {}).get("precision", "fp32"),
                 "complete": complete, "problem": problem, "metadata": meta}
 
     def list(self) -> list[dict]:
-        """Every model file, sorted by name; engines without build metadata are marked incomplete."""
-        if not self.root.is_dir():
-            return []
-        files = [p for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES
-                 and not p.name.startswith(".") and NAME_RE.fullmatch(p.stem)]
-        return [self.describe(p) for p in sorted(files)]
+        """Every model, sorted by name; engines without build metadata are marked incomplete. A model with engines
+        for several GPU kinds is one entry (its first engine), with ``engines`` naming each and what it was built
+        for."""
+        listing = self.listing()
+        entries = []
+        for name in sorted({split_file(f)[0] for f in listing}):
+            files = self.files(name, listing)
+            entry = self.describe(self.root / files[0], listing[files[0]])
+            if len(files) > 1 and entry["kind"] == "tensorrt":
+                entry["engines"] = [{"file": f, "built_for": built_for(((self.describe(self.root / f, listing[f])
+                                                                          ["metadata"] or {}).get("build") or {}))}
+                                    for f in files]
+            entries.append(entry)
+        return entries
+
+    def stamp_sha256(self) -> "list[str]":
+        """Record each model file's sha256 in its metadata where it is missing or stale (before the folder is copied
+        to an object store, whose copies are checked against it); the files whose metadata changed."""
+        stamped = []
+        for file in self.listing():
+            path = self.root / file
+            meta, digest = load_meta(path), sha256_file(path)
+            if meta.sha256 != digest:
+                save_meta(path, meta.model_copy(update={"sha256": digest}))
+                stamped.append(file)
+        return stamped
 
     def delete(self, name: str) -> None:
-        """Remove a model and its metadata."""
-        path = self.path(name)
-        path.unlink()
-        meta_path(path).unlink(missing_ok=True)
+        """Remove a model (every engine of it) and its metadata."""
+        for file in self.files(name):
+            path = self._inside(self.root / file)
+            path.unlink()
+            meta_path(path).unlink(missing_ok=True)
 
     def temp_upload(self, suffix: str = ".onnx") -> Path:
         """A fresh hidden file in the repository for an upload in progress (same file system: atomic rename).
@@ -112,6 +195,7 @@ class ModelRepository:
             raise ModelError(f"not a valid ONNX model: {str(exc).splitlines()[0][:300]}") from exc
         check_onnx_graph(staged)
         if meta is not None:
+            meta = meta.model_copy(update={"sha256": sha256_file(staged)})
             save_meta(staged, meta)  # so the dry run reads it
         try:
             load_model(staged).close()  # dry run

@@ -10,10 +10,10 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from ..core.config import Settings
+from ..core.config import Settings, is_uri
 from ..core.resources import bundled_models, seed_repository
 from ..engines import MODEL_SUFFIXES, OrtOptions, load_model
-from ..repository import ControlStore, ModelRepository
+from ..repository import ControlStore, open_repository
 from .metrics import Metrics
 from .models import ModelSet, NoModel
 from .served import ServedModel
@@ -24,7 +24,7 @@ log = logging.getLogger("segment.state")
 def control_db_path(settings: Settings) -> Path:
     """Where the control store lives: ``SEGMENT_CONTROL_DB``, else ``.control.db`` in the model repository (in the
     temporary folder, named after the repository, when the repository is read-only or the package's own bundled
-    models)."""
+    models). An object-store repository has no place for it: Settings insist on ``SEGMENT_CONTROL_DB`` then."""
     if settings.control_db:
         return Path(settings.control_db)
     root = Path(settings.engines_dir)
@@ -39,7 +39,7 @@ class ServiceState:
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None):
         self.settings = settings
-        self.repository = ModelRepository(settings.engines_dir)
+        self.repository = open_repository(settings)
         self.metrics = metrics or Metrics()
         self.store: ControlStore | None = None
         self.models: ModelSet | None = None
@@ -62,7 +62,7 @@ class ServiceState:
         keep N thread pools busy-waiting on the same cores."""
         s = self.settings
         ort = replace(OrtOptions.from_settings(s), spin=len(self.store.desired().loaded | {name}) <= 1)
-        model = load_model(self.repository.path(name), backend=s.backend, ort=ort)
+        model = load_model(self.repository.local_path(name), backend=s.backend, ort=ort)
         served = ServedModel.serve(model, s.batch_max, s.batch_wait_ms, self.metrics.batch_size.observe, s.gpu_decode)
         if s.gpu_decode and served.decodes_on_gpu:
             log.info("%s: JPEG uploads of %dx%d are decoded on the GPU (nvImageCodec)", name, *model.input_hw[::-1])
@@ -93,7 +93,8 @@ class ServiceState:
         """Fill an empty repository, clean what a crash left staged, open the control store and load what it
         wants (the default: persisted, else the configured model)."""
         s = self.settings
-        seed_repository(s.engines_dir)
+        if not is_uri(s.engines_dir):  # an object-store repository is the operator's to fill
+            seed_repository(s.engines_dir)
         if removed := self.repository.clean_staged():
             log.warning("removed %d staged upload file(s) left by a process that died: %s", len(removed), removed)
         self.store = ControlStore(control_db_path(s))

@@ -22,8 +22,10 @@ router = APIRouter(prefix="/engines", tags=["engines"])
 @router.get("")
 def list_engines(state: StateDep) -> dict:
     """Every model in the repository (ONNX and TensorRT), with its metadata; `active` names the served one."""
-    active = state.model.path.name if state.model else None  # the default model
-    return {"active": active, "engines": [{**e, "active": e["file"] == active} for e in state.repository.list()]}
+    model = state.model  # the default model
+    active = model.path.name if model else None
+    return {"active": active,
+            "engines": [{**e, "active": model is not None and e["name"] == model.name} for e in state.repository.list()]}
 
 
 @router.get("/jobs/{job_id}")
@@ -50,10 +52,12 @@ async def activate(name: str, models: ModelsDep) -> dict:
 async def delete(name: str, state: StateDep, models: ModelsDep) -> dict:
     """Remove a model and its metadata, unloaded in every worker first; the default model cannot be deleted."""
     path = state.repository.path(name)
-    if path.stem == models.default:
+    state.repository.check_writable()  # before anything is unloaded
+    model = state.repository.describe(path)["name"]  # NAME of NAME.onnx or NAME.<gpu-kind>.engine
+    if model == models.default:
         raise Conflict(f"{name!r} is being served as the default model; activate another model first")
-    await run_in_threadpool(models.unload, path.stem)
-    await run_in_threadpool(models.wait_unloaded_everywhere, path.stem)
+    await run_in_threadpool(models.unload, model)
+    await run_in_threadpool(models.wait_unloaded_everywhere, model)
     state.repository.delete(name)
     return {"deleted": path.name}
 

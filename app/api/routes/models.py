@@ -48,6 +48,7 @@ def overview(models: ModelSet, names: list[str] | None = None) -> list[dict]:
             "workers_loaded": sum(w["state"] == "loaded" for w in rows), "workers_total": len(pids),
             "memory": total_memory([w for w in rows if w["state"] == "loaded"]),
             "workers": {str(w["pid"]): {"state": w["state"], "error": w["error"], "memory": memory(w)} for w in rows},
+            **({"engines": entry["engines"]} if "engines" in entry else {}),
         })
     return out
 
