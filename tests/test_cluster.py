@@ -246,8 +246,9 @@ def test_a_build_runs_as_a_ray_task_and_is_served(cluster):
     assert any("parity: label agreement 100.0000%" in line for line in job["progress"]), job["progress"]
     assert job["child_pid"] is None  # no child process of the ingress replica
     listed = {m["name"]: m for m in httpx.get(f"{cluster.url}/models", timeout=10).json()["models"]}
-    assert listed["conv_fp16"]["precision"] == "fp16"
-    assert httpx.post(f"{cluster.url}/models/conv_fp16/load", timeout=120).status_code == 200
+    assert listed.get("conv_fp16", {}).get("precision") == "fp16", listed.keys()
+    r = httpx.post(f"{cluster.url}/models/conv_fp16/load", timeout=120)
+    assert r.status_code == 200, r.text
     photo, truth = quadrants(64, 64)
     r = segment(cluster.url, png_bytes(photo), view="labels", model="conv_fp16")
     assert r.status_code == 200 and r.headers["x-model"] == "conv_fp16", r.text
