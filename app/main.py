@@ -13,6 +13,7 @@ from .api.deps import require_admin
 from .api.limits import BodyLimitMiddleware
 from .api.middleware import MetricsMiddleware
 from .api.routes import bench, engines, health, live, models, page, segment, v2, video
+from .builds.jobs import Runner
 from .builds.service import Builds
 from .core.config import Settings, get_settings
 from .core.resources import web_dir
@@ -29,12 +30,14 @@ Models run through Polygraphy runners: ONNX Runtime for `.onnx`, TensorRT for en
 """
 
 
-def create_app(settings: Settings | None = None, state: ServiceState | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, state: ServiceState | None = None,
+               build_runner: Runner | None = None) -> FastAPI:
     """Build the service; the model is loaded in the lifespan, once, and closed at shutdown. ``state``: another
-    serving state (Ray mode passes one whose model runs in a model deployment)."""
+    serving state (Ray mode passes one whose model runs in a model deployment); ``build_runner``: where builds run
+    (Ray mode: as Ray tasks; else child processes)."""
     settings = settings or get_settings()
     state = state or ServiceState(settings)
-    builds = Builds(state.repository)
+    builds = Builds(state.repository, build_runner)
     video_jobs = VideoJobs(settings)
 
     @asynccontextmanager

@@ -10,6 +10,7 @@ import faulthandler
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -20,6 +21,9 @@ import httpx
 import numpy as np
 import pytest
 
+from app.builds.jobs import JobQueue
+from app.repository import ControlStore
+
 from .models import ROOT, decode_png, make_client, png_bytes, quadrants, raw_rgb_model, rgb_model
 from .server import free_port
 
@@ -29,6 +33,7 @@ RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"
 os.environ.update(RAY_ENV)
 ray = pytest.importorskip("ray", reason="Ray Serve is the `cluster` extra: pip install -e '.[cluster]'")
 serve = pytest.importorskip("ray.serve")
+from app.cluster.builds import RayRunner  # noqa: E402  (after the skip: it imports Ray)
 
 PORTS = range(18600, 18800)  # Ray's listeners in tests: one private range on 127.0.0.1
 WATCHDOG_S = 420  # a hang guard for the module (it takes 1.5 to 3 minutes on the 2-core CI box)
@@ -244,6 +249,57 @@ def test_a_repository_at_a_uri_serves_through_each_replicas_cache(cluster):
         serve.delete("uri")
 
 
+def test_a_build_runs_as_a_ray_task_and_is_served(cluster):
+    """`POST /engines` (fp16 for ONNX Runtime) through the ingress: the build runs as a Ray task (its progress, in
+    the control store, names the Ray node), the job is seen done from the API, and the model is listed and
+    served. A TensorRT build is refused up front: no node of this cluster has a GPU."""
+    rgb_model(cluster.tmp / "engines" / "conv.onnx", conv=True)
+    form = {"name": "conv_fp16", "source": "conv", "target": "onnxruntime", "precision": "fp16"}
+    r = httpx.post(f"{cluster.url}/engines", data=form, timeout=30)
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 120
+    while (job := httpx.get(f"{cluster.url}{r.json()['status_url']}", timeout=10).json())["state"] in \
+            ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert job["state"] == "succeeded", job
+    assert job["progress"][0] == "started as a Ray task: waiting for a node with a free CPU"
+    nodes = {cluster.head_id, cluster.worker_id}
+    assert any(line.startswith("building on Ray node ") and line.split()[-1] in nodes for line in job["progress"])
+    assert any("parity: label agreement 100.0000%" in line for line in job["progress"]), job["progress"]
+    assert job["child_pid"] is None  # no child process of the ingress replica
+    listed = {m["name"]: m for m in httpx.get(f"{cluster.url}/models", timeout=10).json()["models"]}
+    assert listed.get("conv_fp16", {}).get("precision") == "fp16", listed.keys()
+    r = httpx.post(f"{cluster.url}/models/conv_fp16/load", timeout=120)
+    assert r.status_code == 200, r.text
+    photo, truth = quadrants(64, 64)
+    r = segment(cluster.url, png_bytes(photo), view="labels", model="conv_fp16")
+    assert r.status_code == 200 and r.headers["x-model"] == "conv_fp16", r.text
+    assert np.array_equal(decode_png(r.content), truth)
+    r = httpx.post(f"{cluster.url}/engines", data={**form, "name": "conv_trt", "target": "tensorrt"}, timeout=30)
+    assert r.status_code == 503 and "no node of the Ray cluster has a GPU" in r.json()["detail"], r.text
+
+
+class OnWorkerNode(RayRunner):
+    """Builds pinned to one node (the worker node, which the node-loss test kills)."""
+
+    def __init__(self, node_id: str):
+        self.node_id = node_id
+
+    def task_options(self, job: dict) -> dict:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(self.node_id, soft=False)}
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 class Load:
     """Client threads posting photos until stopped; every answer kept (status, model, headers)."""
 
@@ -321,13 +377,18 @@ def test_switching_the_default_under_load_loses_no_request(cluster):
     assert httpx.get(f"{cluster.url}/models/active").json()["name"] == "raw"
 
 
-def test_a_worker_node_lost_under_load(cluster):
+def test_a_worker_node_lost_under_load(cluster, request):
     """The worker node killed (SIGKILL) under load: requests in flight on it are retried on the head or answer
     503 with Retry-After, none hangs; every request succeeds again within 30 s; Serve replaces the lost replica
-    on the head (a replica start takes about 5 s on a quiet machine, over 20 s on this CI box when busy)."""
+    on the head (a replica start takes about 5 s on a quiet machine, over 20 s on this CI box when busy). A build
+    running there as a Ray task (the Ray runner's, pinned to that node) is failed, saying why."""
     cluster.wait_ready()
+    queue = JobQueue(ControlStore(cluster.tmp / "jobs.db"), OnWorkerNode(cluster.worker_id))
+    request.addfinalizer(queue.stop)
+    job = queue.run("sleeper", [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(300)"])
     with Load(cluster.url) as load:
         assert load.wait_for(lambda a: a[5] == cluster.worker_id, 30) is not None, "no request on the worker node"
+        assert wait_until(lambda: "started" in job.progress, 60), job.view()
         killed = time.monotonic()
         cluster.cluster.remove_node(cluster.worker, allow_graceful=False)
         deadline, noticed, timeline = killed + 120, None, []
@@ -350,6 +411,11 @@ def test_a_worker_node_lost_under_load(cluster):
     assert last_failure < 30, f"requests still failing {last_failure:.1f} s after the node was lost"
     print(f"node lost: {len(failed)} of {len(load.answers)} requests answered 503 + Retry-After, the last "
           f"{last_failure:.1f} s after; replica states after the loss: {timeline}")
+    # The build that ran on the lost node is failed, saying why; never "running" forever.
+    assert wait_until(lambda: job.state == "failed", 60), job.view()
+    assert "the build's Ray task was lost" in job.error and "queue the build again" in job.error, job.error
+    assert f"building on Ray node {cluster.worker_id}" in job.progress
+    print(f"the build on the lost node: {job.error}")
 
 
 def test_shutdown_leaves_no_process(cluster):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from .models import BUNDLED, ROOT, SAMPLE
+from .models import BUNDLED, ROOT, SAMPLE, png_bytes, quadrants
 
 from .server import Server
 
@@ -120,3 +120,60 @@ def test_model_picker_sends_the_chosen_model(server, browser):
     finally:
         page.close()
         httpx.post(f"{server.url}/models/{int8}/unload", headers=auth, timeout=60)
+
+
+def answer_first(kind: str):
+    """A route handler for /segment/json: the first request answered as ``kind`` says (a 503 with Retry-After: 1,
+    or no answer), the next ones by the real server; ``seen`` counts them."""
+    seen = []
+
+    def handle(route):
+        seen.append(route.request.url)
+        if len(seen) > 1:
+            route.continue_()
+        elif kind == "503":
+            route.fulfill(status=503, headers={"Retry-After": "1"}, json={"detail": "no model replica is free"})
+        else:
+            route.abort("connectionreset")
+    return handle, seen
+
+
+@pytest.mark.parametrize("kind", ["503", "no answer"])
+def test_a_busy_server_is_tried_once_more(server, browser, kind):
+    """The first answer a 503 + Retry-After (or none at all): the status line says it retries, and the mask of the
+    second, real answer arrives."""
+    page = browser.new_page()
+    handle, seen = answer_first(kind)
+    page.route("**/segment/json*", handle)
+    page.goto(server.url)
+    page.evaluate("""() => { window.statuses = [];
+        new MutationObserver(() => window.statuses.push(document.getElementById('status').textContent))
+            .observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true}); }""")
+    photo = png_bytes(quadrants(96, 160)[0])
+    page.set_input_files("#image", files=[{"name": "p.png", "mimeType": "image/png", "buffer": photo}])
+    page.click("#submit")
+    page.wait_for_selector("#results:not([hidden])", timeout=60_000)
+    assert page.evaluate("document.getElementById('mask').naturalWidth") == 160
+    assert len(seen) == 2 and page.is_hidden("#error")
+    assert any("retrying" in s for s in page.evaluate("window.statuses")), page.evaluate("window.statuses")
+    assert page.inner_text("#status").startswith("Done in")
+    page.close()
+
+
+def test_a_second_503_shows_the_servers_detail(server, browser):
+    page = browser.new_page()
+    seen = []
+
+    def busy(route):
+        seen.append(1)
+        route.fulfill(status=503, headers={"Retry-After": "0"}, json={"detail": f"no model replica is free ({len(seen)})"})
+    page.route("**/segment/json*", busy)
+    page.goto(server.url)
+    page.set_input_files("#image", files=[{"name": "p.png", "mimeType": "image/png",
+                                           "buffer": png_bytes(quadrants(32, 32)[0])}])
+    page.click("#submit")
+    page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+    assert len(seen) == 2  # once more, not again and again
+    assert "cannot segment right now" in page.inner_text("#error")
+    assert "no model replica is free (2)" in page.inner_text("#error")
+    page.close()

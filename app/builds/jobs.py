@@ -1,5 +1,6 @@
 """Engine builds as background jobs kept in the control store: any worker queues, one build runs at a time per
-machine, in the order queued, in a child process.
+machine, in the order queued, in a child process (or wherever the queue's runner puts it: Ray mode's runner,
+``app.cluster.builds``, runs it as a Ray task on a node with the resources it needs).
 
 A child process keeps TensorRT's long build (and any crash in it) away from the serving process, and can be
 killed. The child (``python -m app.builds``) is handed the typed :class:`BuildRequest` as JSON and calls the same
@@ -20,8 +21,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Iterator, Protocol
 
+from ..core.errors import TensorRTUnavailable
+from ..engines import tensorrt_available
 from ..repository import ControlStore
 from .options import BuildRequest
 
@@ -61,18 +66,90 @@ def _die_with_parent() -> None:
         _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def exit_error(code: int, lines: list[str]) -> str | None:
+    """A build's error from its exit status and output lines (None when it succeeded)."""
+    if code == 0:
+        return None
+    if code < 0:
+        return f"the build process was killed (signal {-code}); queue the build again"
+    return next((l for l in reversed(lines) if "error" in l.lower()), f"build exited with status {code}")
+
+
+class Build(Protocol):
+    """A job a runner started."""
+
+    pid: int | None  # its process on this machine, when it has one
+
+    def lines(self) -> Iterator[str]:
+        """Its output lines as they come (they end when it does)."""
+
+    def outcome(self, lines: list[str]) -> str | None:
+        """Once ``lines`` ended: its error, or None when it succeeded."""
+
+    def kill(self) -> None:
+        """End it now (from any thread; nothing when it has ended)."""
+
+
+class Runner(Protocol):
+    """Where and how a queue runs its jobs."""
+
+    local: bool  # builds run on this machine: the queue holds the machine's build lock while one runs
+
+    def check_target(self, target: str) -> None:
+        """Refuse (503) a target it cannot build for."""
+
+    def start(self, job: dict) -> Build:
+        """Start the claimed ``job`` (the store's row: ``command``, ``request``...)."""
+
+
+class ChildProcess:
+    """A job's command as a child process of this worker, killed with it."""
+
+    def __init__(self, command: list[str], env: dict[str, str] | None = None):
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     env=env, preexec_fn=_die_with_parent)
+        self.pid = self.proc.pid
+
+    def lines(self) -> Iterator[str]:
+        for line in self.proc.stdout:
+            if line := line.rstrip():
+                yield line
+
+    def outcome(self, lines: list[str]) -> str | None:
+        return exit_error(self.proc.wait(), lines)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class ProcessRunner:
+    """The default runner: each job a child process of the worker that claimed it."""
+
+    local = True
+
+    def check_target(self, target: str) -> None:
+        if target == "tensorrt" and not tensorrt_available():
+            raise TensorRTUnavailable()
+
+    def start(self, job: dict) -> Build:
+        return ChildProcess(job["command"])
+
+
 class JobQueue:
     """This worker's share of the machine's build queue; ``stop`` kills a build it runs and fails the jobs it
     queued that have not started."""
 
-    def __init__(self, store: ControlStore | None = None):
+    def __init__(self, store: ControlStore | None = None, runner: Runner | None = None):
         # Without a store (a queue on its own, in tests and tools): a private one in a temporary folder.
         self.store = store or ControlStore(Path(tempfile.mkdtemp(prefix="segment-jobs-")) / "control.db")
+        self.runner = runner or ProcessRunner()
         self.lock_path = self.store.path.with_name(self.store.path.name + ".build.lock")
         self.pid = os.getpid()
-        self._proc: subprocess.Popen | None = None
-        # Guards _proc and _stopped together: without it, stop() could land after a job is marked running but
-        # before its child exists, and that child would then run on unkilled.
+        self._build: Build | None = None
+        # Guards _build and _stopped together: without it, stop() could land after a job is marked running but
+        # before its build exists, and that build would then run on unkilled.
         self._lock = threading.Lock()
         self._stopped = False
         self._wake = threading.Event()
@@ -108,12 +185,14 @@ class JobQueue:
             self._wake.clear()
 
     def _run_next(self) -> None:
-        """Under the machine's build lock (when free), claim and run the oldest queued job."""
-        with open(self.lock_path, "a+") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return  # another worker or server of this machine is building; the job waits its turn
+        """Under the machine's build lock (when free, and when builds run here), claim and run the oldest queued
+        job."""
+        with open(self.lock_path, "a+") if self.runner.local else nullcontext() as lock:
+            if lock is not None:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return  # another worker or server of this machine is building; the job waits its turn
             with self._lock:
                 if self._stopped:
                     return
@@ -121,46 +200,42 @@ class JobQueue:
                 if job is None:
                     return
                 log.info("%s running: %s", job["id"], job["name"])
-                self._proc = subprocess.Popen(job["command"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                              text=True, bufsize=1, preexec_fn=_die_with_parent)
-                self.store.set_child(job["id"], self._proc.pid)
+                try:
+                    self._build = self.runner.start(job)
+                except Exception as exc:
+                    self.store.finish_job(job["id"], f"the build could not start: {exc}")
+                    raise
+                if self._build.pid is not None:
+                    self.store.set_child(job["id"], self._build.pid)
             error = None
             try:
-                error = self._follow(job["id"], self._proc)
+                error = self._follow(job["id"], self._build)
             except Exception as exc:
                 error = str(exc)
             finally:
                 with self._lock:
-                    proc, self._proc = self._proc, None
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+                    build, self._build = self._build, None
+                build.kill()
                 self.store.finish_job(job["id"], error)
                 log.info("%s %s", job["id"], "failed: " + error if error else "succeeded")
 
-    def _follow(self, job_id: str, proc: subprocess.Popen) -> str | None:
-        """Copy each of the child's output lines to the store as it comes (builds print a few dozen); its error,
+    def _follow(self, job_id: str, build: Build) -> str | None:
+        """Copy each of the build's output lines to the store as it comes (builds print a few dozen); its error,
         if any."""
         lines = []
-        for line in proc.stdout:
-            if line := line.rstrip():
-                lines.append(line)
-                self.store.add_progress(job_id, [line])
-                log.info("%s: %s", job_id, line)
-        code = proc.wait()
-        if code == 0:
-            return None
-        if code < 0:
-            return f"the build process was killed (signal {-code}); queue the build again"
-        return next((l for l in reversed(lines) if "error" in l.lower()), f"build exited with status {code}")
+        for line in build.lines():
+            lines.append(line)
+            self.store.add_progress(job_id, [line])
+            log.info("%s: %s", job_id, line)
+        return build.outcome(lines)
 
     def stop(self) -> None:
         """Stop taking jobs, fail the jobs this worker queued that have not started, and kill a build it runs
         (its temporary files are discarded)."""
         with self._lock:
             self._stopped = True
-            if self._proc is not None:
-                self._proc.kill()
+            if self._build is not None:
+                self._build.kill()
         self._wake.set()
         try:
             self.store.fail_queued_jobs_of(self.pid, "the service stopped before this build started")

@@ -2,24 +2,25 @@
 
 from pathlib import Path
 
-from ..core.errors import BuildError, Conflict, NotFound, TensorRTUnavailable
+from ..core.errors import BuildError, Conflict, NotFound
 from ..core.metadata import ModelMeta
-from ..engines import tensorrt_available
 from ..repository import ControlStore, ModelRepository, check_name
-from .jobs import Job, JobQueue
+from .jobs import Job, JobQueue, ProcessRunner, Runner
 from .options import BuildOptions, BuildRequest
 
 
 class Builds:
     """Model registration and build jobs over one repository; started (with the control store, where the jobs
-    live) and stopped beside the serving state."""
+    live) and stopped beside the serving state. ``runner``: where builds run (a child process of this worker by
+    default; Ray mode passes one that runs them as Ray tasks)."""
 
-    def __init__(self, repository: ModelRepository):
+    def __init__(self, repository: ModelRepository, runner: Runner | None = None):
         self.repository = repository
+        self.runner = runner or ProcessRunner()
         self.jobs: JobQueue | None = None
 
     def start(self, store: ControlStore) -> None:
-        self.jobs = JobQueue(store)
+        self.jobs = JobQueue(store, self.runner)
 
     def stop(self) -> None:
         if self.jobs is not None:
@@ -51,8 +52,7 @@ class Builds:
     def submit(self, name: str, source: str, options: BuildOptions) -> Job:
         """Queue the build of ``name`` from the registered ONNX ``source``."""
         check_name(name)
-        if options.target == "tensorrt" and not tensorrt_available():
-            raise TensorRTUnavailable()
+        self.runner.check_target(options.target)
         src = self.repository.path(source)
         if src.suffix != ".onnx":
             raise BuildError(f"source {source!r} is not an ONNX model", status_code=400)

@@ -5,7 +5,8 @@
   ``ray_models_per_replica``); images batched with ``@serve.batch`` (``batch_max``, ``batch_wait_ms``).
 - ``SegmentIngress`` serves the project's FastAPI app (every route, the page, the same errors), decoding and
   encoding on CPU. Its replicas follow the control store in the model repository (``?model=``, ``/models`` load,
-  unload, default), as the embedded server's workers do; the model replicas load what the store wants.
+  unload, default), as the embedded server's workers do; the model replicas load what the store wants. Its
+  builds (``POST /engines``) run as Ray tasks (``builds.py``).
 
 Settings are the service's own (``SEGMENT_*``), passed to every replica through its runtime environment.
 """
@@ -30,6 +31,7 @@ from ..serving.batching import pad_batch
 from ..serving.pipeline import preprocess
 from ..serving.served import ServedModel
 from ..serving.state import control_db_path
+from .builds import RayRunner
 from .remote import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, ClusterState, ServedByMiddleware, here
 
 log = logging.getLogger("segment.cluster")
@@ -157,7 +159,7 @@ class SegmentIngress:
         self.state = ClusterState(self.settings, model)
 
     def __serve_build_asgi_app__(self):  # Serve builds the app on the replica, after __init__
-        app = create_app(self.settings, self.state)
+        app = create_app(self.settings, self.state, build_runner=RayRunner())
         app.add_middleware(ServedByMiddleware)
         return app
 

@@ -9,9 +9,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from ...builds.options import BuildOptions, check_precision, parse_shape
-from ...core.errors import BuildError, Conflict, MetadataError, TensorRTUnavailable
+from ...core.errors import BuildError, Conflict, MetadataError
 from ...core.metadata import ModelMeta
-from ...engines import tensorrt_available
 from ...repository import check_name
 from ..deps import AdminDep, BuildsDep, ModelsDep, StateDep
 from ..uploads import read_upload, save_calibration_set
@@ -75,7 +74,7 @@ def parse_metadata(text: str | None) -> ModelMeta | None:
 @router.post("", status_code=202, dependencies=[AdminDep], responses={
     201: {"description": "ONNX model registered as it is for ONNX Runtime (target=onnxruntime, fp32)"},
     202: {"description": "Build queued (a TensorRT engine, or an fp16 or int8 model for ONNX Runtime); poll `status_url`"},
-    503: {"description": "TensorRT is not installed on this host"}})
+    503: {"description": "TensorRT is not installed on this host (Ray mode: no node has a GPU)"}})
 async def create(
     state: StateDep,
     builds: BuildsDep,
@@ -103,8 +102,7 @@ async def create(
     if (onnx is None) == (source is None):
         raise BuildError("give exactly one of: an `onnx` file upload, or `source` (a registered ONNX name)")
     check_precision(target, precision)
-    if target == "tensorrt" and not tensorrt_available():
-        raise TensorRTUnavailable()
+    builds.runner.check_target(target)
     meta = parse_metadata(metadata)
     build = not (target == "onnxruntime" and precision == "fp32")
     if build:

@@ -64,7 +64,7 @@ form.addEventListener("submit", async (ev) => {
   const body = new FormData();
   body.append("image", file, file.name);
   try {
-    const res = await fetch(`/segment/json?model=${encodeURIComponent(chosenModel())}`, { method: "POST", body });
+    const res = await postRetryingOnce(`/segment/json?model=${encodeURIComponent(chosenModel())}`, body);
     const data = await res.json().catch(() => ({}));
     if (!res.ok) {
       // The plain-words message, plus the server's detail where it adds facts (sizes, limits, reasons).
@@ -80,6 +80,27 @@ form.addEventListener("submit", async (ev) => {
     submit.disabled = false;
   }
 });
+
+// A 503 with Retry-After (the server busy, or a Ray replica lost) or no answer at all is tried once more, after the
+// server's Retry-After (at most RETRY_CAP_S seconds; 1 s without one); a second failure is the caller's to show.
+const RETRY_CAP_S = 5;
+
+async function postRetryingOnce(url, body) {
+  let wait;
+  try {
+    const res = await fetch(url, { method: "POST", body });
+    const after = res.headers.get("Retry-After");
+    if (res.status !== 503 || after === null) return res;
+    wait = Number(after);
+    if (!Number.isFinite(wait) || wait < 0) wait = 1;  // an HTTP date, or nonsense
+  } catch (err) {
+    wait = 1;
+  }
+  statusBox.textContent = "The server is busy: retrying…";
+  await new Promise((resolve) => setTimeout(resolve, Math.min(wait, RETRY_CAP_S) * 1000));
+  statusBox.textContent = "Segmenting…";
+  return fetch(url, { method: "POST", body });
+}
 
 // The model picker: the loaded models, the default selected; the header and the next request follow the choice.
 const picker = $("model-picker");
