@@ -144,8 +144,8 @@ def open_decoding(source: str | Path, decode: str = "cpu", options: dict | None 
 
 @cache
 def _on_the_cpu(why: str) -> None:
-    """One log line per process and reason, not one per job."""
-    log.warning("video_decode is auto: decoding video on the CPU, since %s", why)
+    """One log line per process and reason, not one per job (a server also says it once at start)."""
+    log.info("video_decode is auto: decoding video on the CPU, since %s", why)
 
 
 def probe(path: Path, max_pixels: int, max_frames: int) -> VideoInfo:
