@@ -269,6 +269,7 @@ def test_cli_video_with_stats_and_labels(repo, clips, tmp_path, capsys):
                  "--labels", str(tmp_path / "l.zip")]) == 0
     err = capsys.readouterr().err
     assert "frame" in err and f"{len(COLOURS)}/{len(COLOURS)}" in err  # tqdm: frames of the total
+    assert f"decoding with h264 ({ON})" in err
     rows = list(csv.DictReader((tmp_path / "s.csv").open()))
     assert [max(("red", "green", "blue"), key=lambda n: float(row[n])) for row in rows] == [
         ["red", "green", "blue"][c] for c in COLOURS]
@@ -283,8 +284,11 @@ def test_cli_video_with_stats_and_labels(repo, clips, tmp_path, capsys):
     # Errors in plain words, exit status 2
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video")
-    for args, words in [([tmp_path / "missing.mp4", out], "no such video"), ([bad, out], "not a video"),
-                        ([clips["colours"], tmp_path / "x.avi"], ".mp4")]:
+    cases = [([tmp_path / "missing.mp4", out], "no such video"), ([bad, out], "not a video"),
+             ([clips["colours"], tmp_path / "x.avi"], ".mp4")]
+    if ON == "cpu":  # NVDEC asked for where there is none
+        cases.append(([clips["colours"], out, "--decode", "cuda"], "video_decode is cuda, but"))
+    for args, words in cases:
         with pytest.raises(SystemExit) as exc:
             main(["run", str(model), *map(str, args)])
         assert exc.value.code == 2 and words in capsys.readouterr().err

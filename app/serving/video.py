@@ -135,8 +135,8 @@ def open_decoding(source: str | Path, decode: str = "cpu", options: dict | None 
                     why = f"NVDEC cannot decode this {ctx.name} video ({exc.__class__.__name__}: {exc})"
             container.close()
         if decode == "cuda":
-            raise VideoError(415, f"video_decode is cuda, but {why}; set SEGMENT_VIDEO_DECODE=auto to decode on "
-                                  "the CPU instead")
+            raise VideoError(415, f"video_decode is cuda, but {why}; use auto (SEGMENT_VIDEO_DECODE, "
+                                  "segment run --decode) to decode on the CPU instead")
         _on_the_cpu(why)
     container = open_video(source, options)
     return container, f"{container.streams.video[0].codec_context.name} (cpu)"
