@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import Busy, NotFound, ServiceError
-from .served import ServedModel
 from . import nvdec
+from .served import ServedModel
 from .video import Stopped, encoder, open_decoding, process
 
 log = logging.getLogger("segment.video")
@@ -143,7 +143,10 @@ class VideoJobs:
         too_old = time.time() - s.results_max_age_h * 3600
         for rank, (when, folder) in enumerate(finished):
             if rank >= s.results_keep or when < too_old:
-                self._remove(folder)
+                try:
+                    self._remove(folder)
+                except OSError:  # never let a sweep end the worker; the next one tries again
+                    log.exception("could not delete the old video job folder %s", folder)
 
     # --- requests ---------------------------------------------------------------------------------------------
     def check_capacity(self) -> None:
@@ -169,8 +172,7 @@ class VideoJobs:
         folder = self.root / job_id
         record = {"id": job_id, "state": "queued", "created": time.time(), "started": None, "finished": None,
                   "frames_done": 0, "frames_total": info.get("frames"), "fps": None, "error": None,
-                  "decoder": None,
-                  "model": model.name, "source": {**info, "filename": filename},
+                  "model": model.name, "decoder": None, "source": {**info, "filename": filename},
                   "options": {"alpha": alpha, "labels": labels}, "owner": self._owner}
         with self._lock:
             if len(self._jobs) >= self.settings.video_queue:
