@@ -25,5 +25,6 @@ def problem() -> str | None:
 
 def hwaccel() -> HWAccel:
     """CUDA decoding without a silent software fallback: frames decode on the GPU or the decoder fails, so the
-    decoder a job reports is the one that ran (``open_decoding`` falls back to the CPU itself, saying so)."""
-    return HWAccel("cuda", allow_software_fallback=False)
+    decoder a job reports is the one that ran (``open_decoding`` falls back to the CPU itself, saying so). The
+    device's primary context is shared with ONNX Runtime/TensorRT instead of a context (and its memory) per job."""
+    return HWAccel("cuda", allow_software_fallback=False, options={"primary_ctx": "1"})
