@@ -188,7 +188,7 @@ def run_video(args) -> int:
     from tqdm import tqdm
 
     from .core.errors import VideoError
-    from .serving.video import Stopped, encoder, is_url, open_video, process
+    from .serving.video import Stopped, encoder, is_url, open_decoding, process
 
     source = args.image
     if not is_url(source) and not Path(source).exists():
@@ -207,7 +207,8 @@ def run_video(args) -> int:
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        container = open_video(source)
+        container, decoder = open_decoding(source, args.decode)
+        print(f"decoding with {decoder}", file=sys.stderr)
         total = container.streams.video[0].frames or None  # None for cameras and streams
         with tqdm(total=total, unit="frame", desc=Path(source).name or source, dynamic_ncols=True) as bar:
             try:
@@ -427,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", type=Path, help="video: per-frame class shares as CSV (or JSON for .json)")
     p.add_argument("--labels", type=Path, help="video: every frame's class ids as PNGs in this ZIP (lossless)")
     p.add_argument("--alpha", type=float, default=0.5, help="mask weight of the overlay")
+    p.add_argument("--decode", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="video: decoder, as SEGMENT_VIDEO_DECODE (auto: NVDEC where FFmpeg can, else the CPU)")
     p.set_defaults(func=cmd_run)
 
     p = _command(sub, "test", "measure throughput and latency (engine loop or end to end)",

@@ -14,11 +14,14 @@ import av
 import numpy as np
 import pytest
 
+from app.serving import nvdec
+
 from .models import ROOT, decode_png, make_client, rgb_model
 from .server import Server
 from .videos import colour_frames, quadrant_frames, scene_frames, write_clip
 
 COLOURS = [0, 1, 2, 2, 1, 0, 0, 1]  # one class per frame: 0 red, 1 green, 2 blue
+ON = "cpu" if nvdec.problem() else "nvdec"  # the decoder video_decode=auto picks on this machine
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +71,7 @@ def test_video_job_writes_overlay_stats_and_labels(client, clips):
     assert status["state"] == "done", status
     assert status["frames_done"] == status["frames_total"] == len(COLOURS)
     assert status["fps"] > 0 and status["error"] is None and status["model"] == "rgb"
+    assert status["decoder"] == f"h264 ({ON})"
 
     stats = client.get(status["stats_url"]).json()
     assert (stats["width"], stats["height"], stats["fps"]) == (96, 64, 10.0)
@@ -183,6 +187,55 @@ def test_retention_keeps_the_newest_jobs(client, clips, repo):
     assert len([p for p in (repo / "results").iterdir() if (p / "job.json").exists()]) == 3
 
 
+def make_old(results, job, hours=25):
+    """Move a finished job's time back, in the record the service reads."""
+    record = results / job["job_id"] / "job.json"
+    data = json.loads(record.read_text())
+    data["finished"] -= hours * 3600
+    record.write_text(json.dumps(data))
+
+
+def test_retention_by_age_on_submit_and_on_a_timer(repo, clips, tmp_path):
+    results = tmp_path / "results"
+    # 0.02 h = 72 s kept, swept every 7.2 s; results_keep is far off, so only age removes anything here
+    with make_client(repo / "engines", "rgb", results_dir=results, video_queue=1, results_keep=50,
+                     results_max_age_h=0.02) as c:
+        jobs = []
+        for _ in range(3):
+            jobs.append(post(c, clips["colours"]).json())
+            assert wait(c, jobs[-1]["status_url"])["state"] == "done"
+        make_old(results, jobs[0])
+        jobs.append(post(c, clips["colours"]).json())  # a submit sweeps (so does the end of a job)
+        r = c.get(jobs[0]["status_url"])
+        assert r.status_code == 404 and f"no video job {jobs[0]['job_id']}" in r.json()["detail"]
+        assert c.get(jobs[0]["status_url"] + "/video").status_code == 404
+        assert not (results / jobs[0]["job_id"]).exists()
+        assert [c.get(j["status_url"]).status_code for j in jobs[1:]] == [200, 200, 200]  # the young stay
+        assert wait(c, jobs[3]["status_url"])["state"] == "done"
+
+        make_old(results, jobs[1])  # and with no request at all, the timer sweeps
+        deadline = time.time() + 60
+        while (results / jobs[1]["job_id"]).exists() and time.time() < deadline:
+            time.sleep(0.1)
+        assert c.get(jobs[1]["status_url"]).status_code == 404
+        assert [c.get(j["status_url"]).status_code for j in jobs[2:]] == [200, 200]
+
+
+@pytest.mark.skipif(ON == "nvdec", reason="NVDEC works here")
+def test_decode_auto_falls_back_to_the_cpu_and_cuda_refuses_to_start(repo, clips, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="segment.video"):
+        with make_client(repo / "engines", "rgb", results_dir=tmp_path / "results", video_decode="auto") as c:
+            status = wait(c, post(c, clips["webm"], name="clip.webm").json()["status_url"])
+    assert status["state"] == "done" and status["decoder"] == "vp9 (cpu)"
+    assert "video jobs decode on the CPU: FFmpeg cannot open a CUDA device" in caplog.text  # says why, once
+    with pytest.raises(RuntimeError, match="SEGMENT_VIDEO_DECODE=cuda, but FFmpeg cannot open a CUDA device"):
+        with make_client(repo / "engines", "rgb", results_dir=tmp_path / "results", video_decode="cuda"):
+            pass
+    with make_client(repo / "engines", "rgb", results_dir=tmp_path / "results", video_decode="cpu") as c:
+        status = wait(c, post(c, clips["colours"]).json()["status_url"])
+    assert status["decoder"] == "h264 (cpu)"
+
+
 def test_a_restart_marks_unfinished_jobs_failed(repo, clips, tmp_path):
     env = {"SEGMENT_RESULTS_DIR": str(tmp_path / "results")}
     server = Server(repo / "engines", env=env)
@@ -216,6 +269,7 @@ def test_cli_video_with_stats_and_labels(repo, clips, tmp_path, capsys):
                  "--labels", str(tmp_path / "l.zip")]) == 0
     err = capsys.readouterr().err
     assert "frame" in err and f"{len(COLOURS)}/{len(COLOURS)}" in err  # tqdm: frames of the total
+    assert f"decoding with h264 ({ON})" in err
     rows = list(csv.DictReader((tmp_path / "s.csv").open()))
     assert [max(("red", "green", "blue"), key=lambda n: float(row[n])) for row in rows] == [
         ["red", "green", "blue"][c] for c in COLOURS]
@@ -230,8 +284,11 @@ def test_cli_video_with_stats_and_labels(repo, clips, tmp_path, capsys):
     # Errors in plain words, exit status 2
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video")
-    for args, words in [([tmp_path / "missing.mp4", out], "no such video"), ([bad, out], "not a video"),
-                        ([clips["colours"], tmp_path / "x.avi"], ".mp4")]:
+    cases = [([tmp_path / "missing.mp4", out], "no such video"), ([bad, out], "not a video"),
+             ([clips["colours"], tmp_path / "x.avi"], ".mp4")]
+    if ON == "cpu":  # NVDEC asked for where there is none
+        cases.append(([clips["colours"], out, "--decode", "cuda"], "video_decode is cuda, but"))
+    for args, words in cases:
         with pytest.raises(SystemExit) as exc:
             main(["run", str(model), *map(str, args)])
         assert exc.value.code == 2 and words in capsys.readouterr().err

@@ -79,7 +79,12 @@ class Settings(BaseSettings):
                                                            "label archive, job record); relative paths are from the "
                                                            "working folder.")
     results_keep: int = Field(50, ge=1, description="Finished video jobs kept on disk; the oldest go first.")
-    results_max_age_h: float = Field(24.0, gt=0, description="Hours a finished video job is kept on disk.")
+    results_max_age_h: float = Field(24.0, gt=0, description="Hours a finished video job is kept on disk (swept at "
+                                                              "start, on each submit, after each job, and every "
+                                                              "tenth of this, at most 10 minutes, apart).")
+    video_decode: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Video jobs' decoder: auto (NVDEC on an NVIDIA GPU where FFmpeg can use it, else the "
+                            "CPU, saying why in the log), cpu, or cuda (NVDEC or the server does not start).")
     live_max_streams: int = Field(8, ge=1, description="Live camera WebSocket connections at once (closed with code "
                                                        "1013, try again later, beyond).")
     log_level: str = Field("info", description="Server log level.")

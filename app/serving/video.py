@@ -8,6 +8,7 @@ opens is read the same way.
 import csv
 import io
 import json
+import logging
 import queue
 import re
 import threading
@@ -16,6 +17,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cache
 from pathlib import Path
 
 import av
@@ -24,8 +26,11 @@ import numpy as np
 
 from ..core.errors import VideoError
 from ..engines import SegmentationModel
+from . import nvdec
 from .imaging import colorize, encode_indexed_png, overlay
 from .pipeline import input_size, preprocess, restore_size
+
+log = logging.getLogger("segment.video")
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi")
 # Leading bytes of the containers we take: a file that starts like one but cannot be read is damaged (400), anything
@@ -90,10 +95,10 @@ def _rate(stream) -> Fraction:
     return Fraction(rate) if rate and rate > 0 else Fraction(25)
 
 
-def open_video(source: str | Path, options: dict | None = None):
+def open_video(source: str | Path, options: dict | None = None, hwaccel=None):
     """An FFmpeg input: a file, a URL or a device; raises ``VideoError`` when it opens as no video at all."""
     try:
-        container = av.open(str(source), "r", options=options or {}, timeout=(10.0, 10.0))
+        container = av.open(str(source), "r", options=options or {}, timeout=(10.0, 10.0), hwaccel=hwaccel)
     except av.EOFError:
         raise VideoError(400, "the video has no frames: it ends before the first one (empty or truncated)") from None
     except av.FFmpegError as exc:
@@ -104,6 +109,43 @@ def open_video(source: str | Path, options: dict | None = None):
         container.close()
         raise VideoError(415, "the file has no video stream")
     return container
+
+
+def open_decoding(source: str | Path, decode: str = "cpu", options: dict | None = None):
+    """``open_video`` with the decoder ``decode`` asks for (``cpu``, ``cuda``: NVDEC or a ``VideoError``, ``auto``:
+    NVDEC where it works, else the CPU with one log line saying why); returns (container, decoder name), e.g.
+    ``"h264 (nvdec)"`` or ``"h264 (cpu)"``. A file's first frame is decoded once on the GPU to make sure (a profile
+    NVDEC lacks, such as H.264 4:4:4, fails only there); a camera or stream is not tried beforehand."""
+    if decode != "cpu":
+        why = nvdec.problem()
+        if why is None:
+            container = open_video(source, options, hwaccel=nvdec.hwaccel())
+            stream = container.streams.video[0]
+            ctx = stream.codec_context
+            if not ctx.is_hwaccel():
+                why = f"NVDEC has no decoder for {ctx.name}"
+            elif not Path(str(source)).is_file():
+                return container, f"{ctx.name} (nvdec)"
+            else:
+                try:
+                    next(container.decode(stream), None)
+                    container.seek(0)
+                    return container, f"{ctx.name} (nvdec)"
+                except av.FFmpegError as exc:
+                    why = f"NVDEC cannot decode this {ctx.name} video ({exc.__class__.__name__}: {exc})"
+            container.close()
+        if decode == "cuda":
+            raise VideoError(415, f"video_decode is cuda, but {why}; use auto (SEGMENT_VIDEO_DECODE, "
+                                  "segment run --decode) to decode on the CPU instead")
+        _on_the_cpu(why)
+    container = open_video(source, options)
+    return container, f"{container.streams.video[0].codec_context.name} (cpu)"
+
+
+@cache
+def _on_the_cpu(why: str) -> None:
+    """One log line per process and reason, not one per job (a server also says it once at start)."""
+    log.info("video_decode is auto: decoding video on the CPU, since %s", why)
 
 
 def probe(path: Path, max_pixels: int, max_frames: int) -> VideoInfo:

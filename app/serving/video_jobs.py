@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import Busy, NotFound, ServiceError
+from . import nvdec
 from .served import ServedModel
-from .video import Stopped, encoder, open_video, process
+from .video import Stopped, encoder, open_decoding, process
 
 log = logging.getLogger("segment.video")
 
@@ -66,6 +67,7 @@ class VideoJobs:
         so that one ``stop`` ends it instead of waiting on a second worker that never receives its end marker."""
         if self._thread is not None and self._thread.is_alive():
             return
+        self.check_decoder()
         (self.root / "owners").mkdir(parents=True, exist_ok=True)
         self._owner_file = open(self.root / "owners" / f"{self._owner}.lock", "w")
         fcntl.flock(self._owner_file, fcntl.LOCK_EX)
@@ -89,6 +91,17 @@ class VideoJobs:
         if self._owner_file is not None:
             self._owner_file.close()
             (self.root / "owners" / f"{self._owner}.lock").unlink(missing_ok=True)
+
+    def check_decoder(self) -> None:
+        """``video_decode=cuda`` without a usable NVDEC stops the start here, in plain words; ``auto`` says once
+        which decoder jobs get."""
+        mode = self.settings.video_decode
+        why = nvdec.problem() if mode != "cpu" else None
+        if why is not None and mode == "cuda":
+            raise RuntimeError(f"SEGMENT_VIDEO_DECODE=cuda, but {why}; set it to auto (NVDEC where it works) or cpu")
+        if mode == "auto":
+            log.info("video jobs decode %s", f"on the CPU: {why}" if why else "on the GPU (NVDEC) where the codec "
+                                                                              "allows")
 
     def recover(self) -> int:
         """Mark failed every unfinished job whose owner process is gone; returns how many."""
@@ -130,7 +143,10 @@ class VideoJobs:
         too_old = time.time() - s.results_max_age_h * 3600
         for rank, (when, folder) in enumerate(finished):
             if rank >= s.results_keep or when < too_old:
-                self._remove(folder)
+                try:
+                    self._remove(folder)
+                except OSError:  # never let a sweep end the worker; the next one tries again
+                    log.exception("could not delete the old video job folder %s", folder)
 
     # --- requests ---------------------------------------------------------------------------------------------
     def check_capacity(self) -> None:
@@ -156,7 +172,7 @@ class VideoJobs:
         folder = self.root / job_id
         record = {"id": job_id, "state": "queued", "created": time.time(), "started": None, "finished": None,
                   "frames_done": 0, "frames_total": info.get("frames"), "fps": None, "error": None,
-                  "model": model.name, "source": {**info, "filename": filename},
+                  "model": model.name, "decoder": None, "source": {**info, "filename": filename},
                   "options": {"alpha": alpha, "labels": labels}, "owner": self._owner}
         with self._lock:
             if len(self._jobs) >= self.settings.video_queue:
@@ -165,6 +181,7 @@ class VideoJobs:
             self._write(folder, record)
             job = self._jobs[job_id] = Job(job_id, folder, model.acquire(), alpha, labels, record)
         self._queue.put(job)
+        self.prune()
         return record
 
     def status(self, job_id: str) -> dict:
@@ -198,7 +215,16 @@ class VideoJobs:
 
     # --- the worker -------------------------------------------------------------------------------------------
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
+        # Every tenth of the age kept (at most 10 minutes): an idle server still lets old results go.
+        every = min(600.0, self.settings.results_max_age_h * 360)
+        while True:
+            try:
+                job = self._queue.get(timeout=every)
+            except queue.Empty:
+                self.prune()
+                continue
+            if job is None:
+                return
             try:
                 if not job.cancel.is_set():
                     self._run(job)
@@ -229,7 +255,7 @@ class VideoJobs:
         model = job.model
         batch = s.batch_max if model.batch_dynamic else 1
         try:
-            container = open_video(job.folder / INPUT)
+            container, record["decoder"] = open_decoding(job.folder / INPUT, s.video_decode)
             try:
                 stats = process(model, container, job.folder / overlay_name(), alpha=job.alpha,
                                 max_side=s.max_dynamic_side, batch=batch,

@@ -34,8 +34,8 @@ def describe(request: Request, record: dict) -> dict:
         links.update(video_url=f"{base}/video", stats_url=f"{base}/stats")
         if record["options"]["labels"]:
             links["labels_url"] = f"{base}/labels"
-    keep = ("id", "state", "frames_done", "frames_total", "fps", "error", "model", "created", "started", "finished",
-            "source")
+    keep = ("id", "state", "frames_done", "frames_total", "fps", "error", "model", "decoder", "created", "started",
+            "finished", "source")
     return {**{k: record.get(k) for k in keep}, "job_id": record["id"], **links}
 
 
