@@ -110,10 +110,12 @@ def test_default_model_on_cuda_in_fp32_and_fp16_agrees_with_the_cpu(tmp_path):
 def test_batching_on_cuda_runs_one_shape_and_answers_each_request(engines):
     """ONNX Runtime re-plans cuDNN at every new batch size, so on CUDA batches are padded to one warmed shape;
     every caller still gets its own photo's labels."""
-    model = load_model(raw_rgb_model(engines / "raw.onnx"))
+    from app.serving.served import ServedModel
+
+    model = ServedModel.serve(load_model(raw_rgb_model(engines / "raw.onnx")), batch_max=4, batch_wait_ms=20)
     try:
         assert model.device == "cuda" and model.uint8_input
-        assert model.enable_batching(4, 20) and model.batcher.fixed_batch
+        assert model.batcher is not None and model.batcher.fixed_batch
         photo, truth = quadrants(64, 64)
         cases = [(np.ascontiguousarray(np.rot90(photo, k)), np.rot90(truth, k)) for k in range(4)]
         cases += [(np.ascontiguousarray(p[:, ::-1]), t[:, ::-1]) for p, t in cases]
