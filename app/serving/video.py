@@ -9,12 +9,15 @@ import csv
 import io
 import json
 import logging
+import os
 import queue
 import re
 import threading
 import time
 import zipfile
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cache
@@ -251,11 +254,8 @@ class OverlayWriter:
         self.stream.options = options
         self.frames = 0
 
-    def write(self, bgr: np.ndarray) -> None:
-        h, w = bgr.shape[:2]
-        if (w, h) != (self.stream.width, self.stream.height):
-            bgr = cv2.copyMakeBorder(bgr, 0, self.stream.height - h, 0, self.stream.width - w, cv2.BORDER_REPLICATE)
-        frame = av.VideoFrame.from_ndarray(bgr, format="bgr24")
+    def write(self, frame: "av.VideoFrame") -> None:
+        """One frame of the stream's size (:class:`Composer` makes them), in order."""
         frame.pts = self.frames
         self.frames += 1
         self.container.mux(self.stream.encode(frame))
@@ -278,9 +278,9 @@ class FrameStats:
     height: int
     frames: list[dict] = field(default_factory=list)
 
-    def add(self, index: int, time_s: float, labels: np.ndarray) -> None:
-        counts = np.bincount(labels.ravel(), minlength=len(self.class_names))[: len(self.class_names)]
-        shares = counts / max(1, labels.size)
+    def add(self, index: int, time_s: float, counts: np.ndarray) -> None:
+        """One frame's pixel counts per class id (:func:`class_counts`)."""
+        shares = counts[: len(self.class_names)] / max(1, int(counts.sum()))
         self.frames.append({"index": index, "time_s": time_s,
                             "classes": {n: round(float(s), 6) for n, s in zip(self.class_names, shares)}})
 
@@ -331,6 +331,53 @@ class Stopped(Exception):
         self.stats = stats
 
 
+def class_counts(labels: np.ndarray, classes: int) -> np.ndarray:
+    """Pixels of each class id below ``classes`` (ids beyond it are counted as pixels, not as a class)."""
+    if labels.dtype == np.uint8:  # OpenCV's histogram releases the GIL, so frames count in parallel
+        hist = cv2.calcHist([labels], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+    else:
+        hist = np.bincount(labels.ravel().astype(np.int64).clip(0), minlength=classes)
+    out = hist[:classes].copy()
+    out = np.append(out, hist[classes:].sum())  # the rest, so shares are of all pixels
+    return out
+
+
+class Composer:
+    """The work after the model, per frame, in a few threads (OpenCV releases the GIL): colour mask, blend,
+    class counts, label PNG, and the YUV frame the encoder takes. Results come back in frame order, at most
+    ``depth`` frames ahead of the encoder, so memory stays bounded."""
+
+    def __init__(self, palette: np.ndarray, alpha: float, classes: int, labels_png: bool, threads: int):
+        self.palette, self.alpha, self.classes, self.labels_png = palette, alpha, classes, labels_png
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="video-compose")
+        self.pending: deque = deque()
+        self.depth = 2 * max(1, threads) + 2
+
+    def _compose(self, f: Frame, labels: np.ndarray, width: int, height: int):
+        bgr = overlay(f.image, colorize(labels, self.palette), self.alpha)
+        h, w = bgr.shape[:2]
+        if (w, h) != (width, height):  # 4:2:0 needs even sides
+            bgr = cv2.copyMakeBorder(bgr, 0, height - h, 0, width - w, cv2.BORDER_REPLICATE)
+        frame = av.VideoFrame.from_ndarray(bgr, format="bgr24").reformat(format="yuv420p")
+        png = encode_indexed_png(labels, None) if self.labels_png else None
+        return f, frame, class_counts(labels, self.classes), png
+
+    def submit(self, f: Frame, labels: np.ndarray, width: int, height: int) -> Iterator[tuple]:
+        """Queue one frame; yields the finished frames that must go out now to keep within ``depth``."""
+        self.pending.append(self.pool.submit(self._compose, f, labels, width, height))
+        while len(self.pending) > self.depth:
+            yield self.pending.popleft().result()
+
+    def drain(self) -> Iterator[tuple]:
+        while self.pending:
+            yield self.pending.popleft().result()
+
+    def close(self) -> None:
+        for fut in self.pending:
+            fut.cancel()
+        self.pool.shutdown(wait=True)
+
+
 def batches(frames: Iterator[Frame], size: int) -> Iterator[list[Frame]]:
     """Runs of up to ``size`` frames of one size, each handed on as soon as it is full (a camera's frame is not
     held back waiting for the next)."""
@@ -358,7 +405,7 @@ def segment_batch(model: SegmentationModel, images: list[np.ndarray], max_side: 
 def process(model: SegmentationModel, container, output: Path, *, alpha: float = 0.5, max_side: int = 2048,
             batch: int = 1, labels_zip: Path | None = None, frames_total: int | None = None,
             max_frames: int | None = None, progress: Callable[[Progress], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> FrameStats:
+            should_stop: Callable[[], bool] | None = None, compose_threads: int | None = None) -> FrameStats:
     """Segment every frame of an opened video: the overlay video to ``output``, label PNGs (lossless) to
     ``labels_zip`` if given; returns the per-frame statistics. ``batch`` frames go to the runner at once (give 1
     unless the model takes a dynamic batch). ``should_stop`` (checked per batch) raises :class:`Stopped`; the
@@ -369,24 +416,37 @@ def process(model: SegmentationModel, container, output: Path, *, alpha: float =
     writer: OverlayWriter | None = None
     archive = zipfile.ZipFile(labels_zip, "w", zipfile.ZIP_STORED) if labels_zip else None  # PNGs are compressed
     state = Progress(frames_total=frames_total)
-    palette = model.palette_bgr
+    names = class_names(model)
+    if compose_threads is None:  # a GPU host's cores keep up with its model; two still overlap on a small CPU
+        compose_threads = max(2, min(8, (os.cpu_count() or 2) // 2))
+    composer = Composer(model.palette_bgr, alpha, len(names), archive is not None, compose_threads)
+
+    def emit(done: Iterator[tuple]) -> None:
+        for f, frame, counts, png in done:
+            writer.write(frame)
+            stats.add(f.index, f.time_s, counts)
+            if png is not None:
+                archive.writestr(f"frame_{f.index:06d}.png", png)
+            state.frames_done += 1
+
     try:
         for todo in batches(read_ahead(read_frames(container, max_frames)), batch):
             if should_stop is not None and should_stop():
+                emit(composer.drain())  # what was segmented is in the file a stopped run leaves
                 raise Stopped(stats)
             h, w = todo[0].image.shape[:2]
             if writer is None:
                 writer = OverlayWriter(output, w, h, fps)
-                stats = FrameStats(class_names(model), fps, w, h)
+                stats = FrameStats(names, fps, w, h)
             for f, labels in zip(todo, segment_batch(model, [f.image for f in todo], max_side)):
-                writer.write(overlay(f.image, colorize(labels, palette), alpha))
-                stats.add(f.index, f.time_s, labels)
-                if archive is not None:
-                    archive.writestr(f"frame_{f.index:06d}.png", encode_indexed_png(labels, None))
-            state.frames_done += len(todo)
+                emit(composer.submit(f, labels, writer.stream.width, writer.stream.height))
             if progress is not None:
                 progress(state)
+        emit(composer.drain())
+        if progress is not None:
+            progress(state)
     finally:
+        composer.close()
         if writer is not None:
             writer.close()
         if archive is not None:
