@@ -75,7 +75,7 @@ def video_job(model_path: Path, frames: int, size: tuple[int, int], batch: int, 
         finally:
             model.close()
     return {"frames": frames, "size": f"{w}x{h}", "model_input": f"{side[1]}x{side[0]}", "batch": batch,
-            "decoder": decoder, "engine_fps": round(engine, 2), "job_fps": round(job, 2),
+            "decoder": decoder, "nvdec_problem": video.nvdec.problem() if decode != "cpu" else None, "engine_fps": round(engine, 2), "job_fps": round(job, 2),
             "ratio": round(job / engine, 3)}
 
 
@@ -83,14 +83,14 @@ async def live_client(url: str, jpegs: list[bytes], lockstep: bool, seconds: flo
     """One stream: lock-step, or a 30 fps camera that never waits; latencies from send to the reply's header."""
     import websockets
 
-    latencies, replies, dropped, sent = [], 0, 0, 0
+    latencies, replies, dropped, sent, timings = [], 0, 0, 0, []
     async with websockets.connect(url, max_size=None) as ws:
         start = time.perf_counter()
         if lockstep:
             while time.perf_counter() - start < seconds:
                 t = time.perf_counter()
                 await ws.send(jpegs[sent % len(jpegs)])
-                json.loads(await ws.recv())
+                timings.append(json.loads(await ws.recv()).get("timings_ms") or {})
                 await ws.recv()
                 latencies.append((time.perf_counter() - t) * 1000)
                 replies, sent = replies + 1, sent + 1
@@ -107,18 +107,26 @@ async def live_client(url: str, jpegs: list[bytes], lockstep: bool, seconds: flo
                 return n
 
             sender = asyncio.create_task(send())
-            while not sender.done() or replies < 1:
+            last = start
+            while True:
+                # Once the camera stops, replies still on their way get a short grace; the frame the server
+                # dropped last never gets one, and waiting for it must not count as streaming time.
+                wait = max(1.0, seconds) if not sender.done() else 0.5
                 try:
-                    header = json.loads(await asyncio.wait_for(ws.recv(), timeout=max(1.0, seconds)))
+                    header = json.loads(await asyncio.wait_for(ws.recv(), timeout=wait))
                 except TimeoutError:
-                    break
+                    if sender.done():
+                        break
+                    continue
                 await ws.recv()
-                latencies.append((time.perf_counter() - sent_at[header["frame"]]) * 1000)
+                last = time.perf_counter()
+                latencies.append((last - sent_at[header["frame"]]) * 1000)
                 replies, dropped = replies + 1, header["dropped"]
+                timings.append(header.get("timings_ms") or {})
             sent = await sender
-        elapsed = time.perf_counter() - start
+        elapsed = (last if not lockstep else time.perf_counter()) - start
     return {"fps": replies / elapsed, "latencies": latencies, "replies": replies, "sent": sent,
-            "dropped": sent - replies if not lockstep else 0, "server_dropped": dropped}
+            "dropped": sent - replies if not lockstep else 0, "server_dropped": dropped, "timings": timings}
 
 
 def client_process(url: str, jpegs: list[bytes], lockstep: bool, seconds: float, streams: int) -> list[dict]:
@@ -135,6 +143,12 @@ def live_step(pool: ProcessPoolExecutor, procs: int, url: str, jpegs: list[bytes
     return [r for f in futures for r in f.result()]
 
 
+def server_stages(timings: list[dict]) -> dict:
+    """Mean time of each server stage (the replies' ``timings_ms``): where a frame's latency goes."""
+    keys = {k for t in timings for k in t}
+    return {k: round(statistics.mean(t[k] for t in timings if k in t), 2) for k in sorted(keys)}
+
+
 def summarize(streams: int, per: list[dict], p99_limit: float) -> dict:
     latencies = [x for p in per for x in p["latencies"]]
     fps = [round(p["fps"], 2) for p in per]
@@ -143,7 +157,8 @@ def summarize(streams: int, per: list[dict], p99_limit: float) -> dict:
            "p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
            "p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
            "sent": sent, "answered": sum(p["replies"] for p in per),
-           "dropped_share": round(sum(p["dropped"] for p in per) / max(1, sent), 3)}
+           "dropped_share": round(sum(p["dropped"] for p in per) / max(1, sent), 3),
+           "server_ms": server_stages([t for p in per for t in p["timings"]])}
     out["sustained"] = bool(latencies) and out["p99_ms"] < p99_limit and min(fps) >= 0.9 * CAMERA_FPS
     return out
 
@@ -165,7 +180,7 @@ def live(model_path: Path, steps: list[int], seconds: float, workers: int | None
         try:
             live_step(pool, 1, url, jpegs, 1, min(3.0, seconds), lockstep=True)  # warm-up
             one = summarize(1, live_step(pool, 1, url, jpegs, 1, seconds, lockstep=True), p99_limit)
-            result = {"lockstep_1_stream": {k: one[k] for k in ("fps_mean", "p50_ms", "p99_ms")}, "steps": [],
+            result = {"lockstep_1_stream": {k: one[k] for k in ("fps_mean", "p50_ms", "p99_ms", "server_ms")}, "steps": [],
                       "client_processes": procs}
             for n in steps:
                 if time.monotonic() + seconds + 5 > deadline:
