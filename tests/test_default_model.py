@@ -22,8 +22,13 @@ def test_default_model_ships_and_is_described():
     try:
         assert model.meta.trained and model.meta.dataset == "camvid" and model.num_classes == 11
         assert model.input_hw == (448, 608)
+        training = model.meta.extra["training"]
     finally:
         model.close()
+    # Trained on train+val; its honest figure is the same recipe's train-only run, with val held out.
+    assert training["recipe"]["splits"] == "train,val" and training["from_scratch"]
+    assert training["train_only_run"]["val_miou_service_pipeline"] >= 0.70
+    assert "train+val" in (ENGINES / f"{DEFAULT_MODEL}.md").read_text()
     assert Settings().engines_dir == Path("engines") and Settings().model == DEFAULT_MODEL
 
 
