@@ -47,7 +47,7 @@ from tests.videos import scene_frames, write_clip  # noqa: E402
 CAMERA_FPS = 30
 
 
-def video_job(model_path: Path, frames: int, size: tuple[int, int], batch: int, decode: str) -> dict:
+def video_job(model_path: Path, frames: int, size: tuple[int, int], batch: int, decode: str, rounds: int = 3) -> dict:
     h, w = size
     pictures = scene_frames(frames, h, w)
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,23 +60,27 @@ def video_job(model_path: Path, frames: int, size: tuple[int, int], batch: int, 
             del pictures
             for x in tensors[:3]:  # warm-up
                 model.infer(x)
-            start = time.perf_counter()
-            for x in tensors:
-                model.infer(x)
-            engine = frames / (time.perf_counter() - start)
+            engines, jobs = [], []
+            for _ in range(rounds):  # alternated, best of each: a shared machine's slow spells hit either side
+                start = time.perf_counter()
+                for x in tensors:
+                    model.infer(x)
+                engines.append(frames / (time.perf_counter() - start))
+                container, decoder = video.open_decoding(clip, decode)
+                start = time.perf_counter()
+                try:
+                    video.process(model, container, Path(tmp) / "out.mp4", batch=batch, frames_total=frames)
+                finally:
+                    container.close()
+                jobs.append(frames / (time.perf_counter() - start))
             del tensors
-            container, decoder = video.open_decoding(clip, decode)
-            start = time.perf_counter()
-            try:
-                video.process(model, container, Path(tmp) / "out.mp4", batch=batch, frames_total=frames)
-            finally:
-                container.close()
-            job = frames / (time.perf_counter() - start)
         finally:
             model.close()
+    engine, job = max(engines), max(jobs)
     return {"frames": frames, "size": f"{w}x{h}", "model_input": f"{side[1]}x{side[0]}", "batch": batch,
-            "decoder": decoder, "nvdec_problem": video.nvdec.problem() if decode != "cpu" else None, "engine_fps": round(engine, 2), "job_fps": round(job, 2),
-            "ratio": round(job / engine, 3)}
+            "decoder": decoder, "nvdec_problem": video.nvdec.problem() if decode != "cpu" else None,
+            "rounds": rounds, "engine_fps_each": [round(e, 2) for e in engines], "job_fps_each": [round(j, 2) for j in jobs],
+            "engine_fps": round(engine, 2), "job_fps": round(job, 2), "ratio": round(job / engine, 3)}
 
 
 async def live_client(url: str, jpegs: list[bytes], lockstep: bool, seconds: float) -> dict:
@@ -218,6 +222,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", type=Path, default=bundled_models() / "camvid_bisenetv2.onnx")
     p.add_argument("--frames", type=int, default=120)
+    p.add_argument("--rounds", type=int, default=3, help="video job and engine loop, alternated; best of each")
     p.add_argument("--size", default="1080x1920", help="HxW of the clip")
     p.add_argument("--batch", type=int, default=1, help="frames per runner call (a model with a dynamic batch)")
     p.add_argument("--decode", choices=("auto", "cpu", "cuda"), default="auto", help="the video job's decoder")
@@ -239,7 +244,7 @@ def main() -> int:
     summary = {"machine": machine(), "model": args.model.name, "server": {"workers": args.workers, "env": env}}
     print(json.dumps(summary["machine"]), flush=True)
     if not args.skip_job:
-        job = summary["video_job"] = video_job(args.model, args.frames, (h, w), args.batch, args.decode)
+        job = summary["video_job"] = video_job(args.model, args.frames, (h, w), args.batch, args.decode, args.rounds)
         print(f"video job: {job['job_fps']} frames/s; engine-only loop {job['engine_fps']} frames/s; ratio "
               f"{job['ratio']} (target >= 0.8)  [{job['frames']} frames of {job['size']}, batch {job['batch']}, "
               f"decoder {job['decoder']}]", flush=True)
