@@ -285,13 +285,16 @@ def cmd_eval(args) -> int:
 
     from .serving.evaluate import confusion_image, confusion_table, evaluate
 
-    model = _load(args.model)
-    try:
-        result = evaluate(model, args.data, args.split, void_id=args.void_id, flip=args.flip, scales=args.scales)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    finally:
-        model.close()
+    if str(args.model).startswith(("http://", "https://")):
+        result = eval_over_http(args)
+    else:
+        model = _load(Path(args.model))
+        try:
+            result = evaluate(model, args.data, args.split, void_id=args.void_id, flip=args.flip, scales=args.scales)
+        except (ValueError, FileNotFoundError) as exc:
+            raise SystemExit(f"error: {exc}") from None
+        finally:
+            model.close()
     print(f"{result['pipeline']}: mIoU {result['miou']:.4f}  pixel accuracy {result['pixel_accuracy']:.4f}  "
           f"({result['images']} images)")
     for name, iou in result["per_class_iou"].items():
@@ -304,6 +307,28 @@ def cmd_eval(args) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
+
+
+def eval_over_http(args) -> dict:
+    """``segment eval URL``: every image uploaded to a running service's ``POST /segment?view=labels`` (the served
+    default, or ``--model-name``), scored against the labels: the check of a held-out split, through HTTP."""
+    from .client import Client, SegmentError
+    from .serving.evaluate import score
+
+    if args.flip or args.scales != (1.0,):
+        raise fail("--flip and --scales need a model file: the service never does test-time augmentation")
+    with Client(args.model, model=args.model_name) as client:
+        try:
+            info = client.models()
+            name = args.model_name or info["default"]
+            entry = next((m for m in info["models"] if m["name"] == name), None)
+            if entry is None or not entry.get("classes"):
+                raise fail(f"{args.model} has no model {name!r} with class names (GET /models)")
+            result = score(lambda path: client.segment(path, view="labels"), args.data, args.split,
+                           entry["classes"], void_id=args.void_id)
+        except (SegmentError, FileNotFoundError) as exc:
+            raise fail(str(exc)) from None
+    return {"model": name, "pipeline": f"service over HTTP: POST {args.model}/segment?view=labels", **result}
 
 
 def cmd_client(args) -> int:
@@ -484,8 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "eval", "mIoU of a model through the service's pipeline",
                  "segment eval engines/camvid_bisenetv2.onnx --data data/camvid --void-id 11",
-                 "segment eval m.onnx --data data/camvid --void-id 11 --flip --scales 0.75,1,1.25 --confusion cm.png")
-    p.add_argument("model", type=Path)
+                 "segment eval m.onnx --data data/camvid --void-id 11 --flip --scales 0.75,1,1.25 --confusion cm.png",
+                 "segment eval http://localhost:8000 --data data/camvid --split test --void-id 11")
+    p.add_argument("model", help="a model file, or the URL of a running service (scored through POST /segment)")
+    p.add_argument("--model-name", help="with a URL: the served model to score (default: the default model)")
     p.add_argument("--data", type=Path, required=True, help="root with images/SPLIT and labels/SPLIT")
     p.add_argument("--split", default="val")
     p.add_argument("--void-id", type=int, help="label id left out of the metrics (CamVid: 11)")

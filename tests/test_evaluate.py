@@ -78,3 +78,31 @@ def test_cli_refuses_bad_scales(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "m.onnx", "--data", ".", "--scales", "0.75,x"])
     assert "expected scales like 0.75,1,1.25" in capsys.readouterr().err
+
+
+def test_eval_over_http_scores_the_served_default_as_the_model_file_does(tmp_path, two_val_images, capsys):
+    """`segment eval URL`: each image goes through a running service's POST /segment?view=labels (how a held-out
+    split is checked); on the same images it gives the confusion matrix of the model file, pixel for pixel."""
+    from .server import Server
+
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    for suffix in (".onnx", ".json"):
+        shutil.copy(BUNDLED / f"{DEFAULT_MODEL}{suffix}", engines)
+    with_file = tmp_path / "file.json"
+    over_http = tmp_path / "http.json"
+    assert main(["eval", str(engines / f"{DEFAULT_MODEL}.onnx"), "--data", str(two_val_images), "--void-id", "11",
+                 "--json", str(with_file)]) == 0
+    server = Server(engines, model=DEFAULT_MODEL)
+    try:
+        assert main(["eval", server.url, "--data", str(two_val_images), "--void-id", "11",
+                     "--json", str(over_http)]) == 0
+        with pytest.raises(SystemExit) as refused:
+            main(["eval", server.url, "--data", str(two_val_images), "--flip"])
+        assert refused.value.code == 2
+    finally:
+        server.stop()
+    local, remote = json.loads(with_file.read_text()), json.loads(over_http.read_text())
+    assert remote["confusion"] == local["confusion"] and remote["model"] == DEFAULT_MODEL
+    assert remote["pipeline"].startswith("service over HTTP") and remote["images"] == 2
+    assert "test-time augmentation" in capsys.readouterr().err

@@ -5,6 +5,7 @@ The default is exactly what the service does to an upload. ``flip`` and ``scales
 exposed, and class probabilities are averaged over the mirrored and re-scaled inputs.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -16,30 +17,47 @@ from ..engines import SegmentationModel
 from .pipeline import preprocess, segment_image
 
 
-def evaluate(model: SegmentationModel, data: Path, split: str = "val", ignore: int = 255,
-             void_id: int | None = None, flip: bool = False, scales: tuple[float, ...] = (1.0,)) -> dict:
-    """Segment every ``images/SPLIT/*.jpg|png`` and score against ``labels/SPLIT/STEM.png``.
-
-    ``void_id`` (e.g. 11 for CamVid) and ``ignore`` label values are left out of the metrics. The result holds
-    the confusion matrix (rows: truth, columns: prediction) besides mIoU, pixel accuracy and per-class IoU.
-    """
-    images = sorted(p for p in (data / "images" / split).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+def split_images(data: Path, split: str) -> list[Path]:
+    """The ``images/SPLIT/*.jpg|png`` of a data set, sorted; :class:`FileNotFoundError` when there are none."""
+    folder = data / "images" / split
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")) \
+        if folder.is_dir() else []
     if not images:
-        raise FileNotFoundError(f"no images in {data / 'images' / split}")
-    tta = flip or tuple(scales) != (1.0,)
-    logits = LogitsSession(model) if tta else None
-    n = model.num_classes
+        raise FileNotFoundError(f"no images in {folder}")
+    return images
+
+
+def score(predict: Callable[[Path], np.ndarray], data: Path, split: str, class_names: list[str], ignore: int = 255,
+          void_id: int | None = None) -> dict:
+    """Confusion matrix, mIoU, pixel accuracy and per-class IoU of ``predict`` (an image file to its class ids at the
+    image's size) over ``images/SPLIT`` against ``labels/SPLIT/STEM.png``. ``void_id`` (e.g. 11 for CamVid) and
+    ``ignore`` label values are left out of the metrics."""
+    n = len(class_names)
     conf = np.zeros((n, n), np.int64)
+    images = split_images(data, split)
     for path in tqdm(images, desc=f"eval {split}", unit="img"):
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         truth = cv2.imread(str(data / "labels" / split / f"{path.stem}.png"), cv2.IMREAD_UNCHANGED)
         if void_id is not None:
             truth = np.where(truth == void_id, ignore, truth)
-        pred = augmented_labels(logits, image, scales, flip) if tta else segment_image(model, image).labels
-        conf += confusion(truth, pred, n, ignore=ignore)
+        conf += confusion(truth, predict(path), n, ignore=ignore)
+    return {"images": len(images), "split": split, **report(conf, class_names), "confusion": conf.tolist()}
+
+
+def evaluate(model: SegmentationModel, data: Path, split: str = "val", ignore: int = 255,
+             void_id: int | None = None, flip: bool = False, scales: tuple[float, ...] = (1.0,)) -> dict:
+    """:func:`score` of a loaded model, each image segmented exactly as the service does an upload (or with
+    test-time augmentation: ``flip``, ``scales``)."""
+    tta = flip or tuple(scales) != (1.0,)
+    logits = LogitsSession(model) if tta else None
+
+    def predict(path: Path) -> np.ndarray:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        return augmented_labels(logits, image, scales, flip) if tta else segment_image(model, image).labels
+
     pipeline = "service pipeline" if not tta else f"test-time augmentation: scales {list(scales)}, flip {flip}"
-    return {"model": model.name, "images": len(images), "split": split, "pipeline": pipeline,
-            **report(conf, model.meta.class_names[:n]), "confusion": conf.tolist()}
+    n = model.num_classes
+    return {"model": model.name, "pipeline": pipeline,
+            **score(predict, data, split, model.meta.class_names[:n], ignore, void_id)}
 
 
 class LogitsSession:
