@@ -258,6 +258,7 @@ def cmd_test(args) -> int:
 
 def cmd_engines(args) -> int:
     from .core.config import get_settings
+    from .core.errors import ServiceError
     from .repository.remote import repository_at
 
     settings = get_settings()
@@ -265,10 +266,13 @@ def cmd_engines(args) -> int:
         repository = repository_at(args.dir or settings.engines_dir, settings.model_cache_dir)
     except ValueError as exc:
         raise fail(str(exc))
-    if args.stamp_sha256:
-        stamped = repository.stamp_sha256()
-        print(f"recorded the sha256 of {len(stamped)} model file(s) in their metadata: {', '.join(stamped) or '-'}")
-    entries = repository.list()
+    try:
+        if args.stamp_sha256:
+            stamped = repository.stamp_sha256()
+            print(f"recorded the sha256 of {len(stamped)} model file(s) in their metadata: {', '.join(stamped) or '-'}")
+        entries = repository.list()
+    except ServiceError as exc:  # a read-only (URI) repository, an unreachable store
+        raise fail(exc.detail) from None
     if not entries:
         print("the model repository is empty")
     for e in entries:
@@ -326,7 +330,7 @@ def eval_over_http(args) -> dict:
                 raise fail(f"{args.model} has no model {name!r} with class names (GET /models)")
             result = score(lambda path: client.segment(path, view="labels"), args.data, args.split,
                            entry["classes"], void_id=args.void_id)
-        except (SegmentError, FileNotFoundError) as exc:
+        except (SegmentError, FileNotFoundError, ValueError) as exc:
             raise fail(str(exc)) from None
     return {"model": name, "pipeline": f"service over HTTP: POST {args.model}/segment?view=labels", **result}
 

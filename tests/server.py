@@ -44,11 +44,12 @@ class Server:
         self.stop()
         raise RuntimeError("server did not become ready")
 
-    def until_every_worker(self, request, check, workers: int, tries: int = 600) -> dict[int, object]:
+    def until_every_worker(self, request, check, workers: int, timeout: float = 60.0) -> dict[int, object]:
         """Repeat ``request()`` (a new connection each time, so the kernel spreads them over the workers) until
-        ``workers`` distinct pids (``X-Worker``) answered with ``check(response)`` true; {pid: response}."""
-        seen = {}
-        for _ in range(tries):
+        ``workers`` distinct pids (``X-Worker``) answered with ``check(response)`` true; {pid: response}. A deadline,
+        not a count: a worker restarted on a loaded machine can take many seconds to import and load."""
+        seen, deadline = {}, time.monotonic() + timeout
+        while time.monotonic() < deadline:
             r = request()
             if check(r):
                 seen.setdefault(int(r.headers["x-worker"]), r)

@@ -481,7 +481,7 @@ def test_a_worker_killed_while_models_change_comes_back_in_step(cluster):
         r = httpx.post(f"{cluster.url}/models/weakest/default", headers=ADMIN, timeout=30)
         assert r.status_code == 200 and int(r.headers["x-worker"]) != victim
         answers = cluster.until_every_worker(lambda: post_segment(cluster),
-                                             lambda r: r.headers.get("x-model") == "weakest", WORKERS, tries=3000)
+                                             lambda r: r.headers.get("x-model") == "weakest", WORKERS, timeout=120)
         assert victim not in answers and len(set(answers) - before) == 1  # uvicorn started a new worker
         listing = httpx.get(f"{cluster.url}/models", timeout=10).json()
         assert str(victim) not in {pid for m in listing["models"] for pid in m["workers"]}

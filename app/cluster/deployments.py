@@ -72,7 +72,7 @@ class SegmentModel:
             return
         for name in dict.fromkeys(n for n in (first, desired.default, *sorted(desired.loaded)) if n):
             try:
-                self.repository.path(name)
+                await loop.run_in_executor(None, self.repository.path, name)  # may list an object store
                 await self.model(name)
             except Exception as exc:
                 log.error("%s could not be loaded: %s", name, exc)
@@ -100,7 +100,9 @@ class SegmentModel:
 
     async def _model(self) -> LoadedModel:
         name = serve.get_multiplexed_model_id()
-        self.repository.path(name)  # an unknown name fails here, before the cache evicts anything for it
+        # An unknown name fails here, before the cache evicts anything for it; off the event loop, since an object
+        # store's listing may be read on the way
+        await asyncio.get_running_loop().run_in_executor(None, self.repository.path, name)
         return await self.model(name)
 
     async def describe(self) -> dict:

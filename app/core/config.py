@@ -11,6 +11,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_MODEL = "camvid_bisenetv2"
 
 
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/bisenet-serve``, else ``~/.cache/bisenet-serve``; the temp folder where there is no home (a
+    container run with an arbitrary uid)."""
+    import tempfile
+
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except RuntimeError:
+            base = Path(tempfile.gettempdir())
+    return Path(base) / "bisenet-serve"
+
+
 class Settings(BaseSettings):
     """Every knob of the service; docs/configuration.md lists them (a test keeps it in step)."""
 
@@ -22,7 +36,7 @@ class Settings(BaseSettings):
                                      "working folder) or an fsspec URI (s3://, gs://, file://, memory://; read-only, "
                                      "fetched into model_cache_dir and checked by hash; needs control_db).")
     model_cache_dir: Path = Field(
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bisenet-serve" / "models",
+        default_factory=lambda: default_cache_dir() / "models",
         description="With an engines_dir URI: the local copies of its models, one folder per URI, each file checked "
                     "against the sha256 in its metadata.")
     model: str = Field(DEFAULT_MODEL, description="Default model at the first start and whenever this setting changes "

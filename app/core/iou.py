@@ -7,6 +7,10 @@ def confusion(labels: np.ndarray, preds: np.ndarray, num_classes: int, ignore: i
     """``num_classes`` x ``num_classes`` counts (rows: truth, columns: prediction); ``ignore`` pixels skipped."""
     labels = labels.reshape(-1).astype(np.int64)
     preds = preds.reshape(-1).astype(np.int64)
+    if preds.size and (preds.min() < 0 or preds.max() >= num_classes):
+        # an id beyond the table would land in the next row's counts: a wrong score, silently
+        bad = int(preds.max() if preds.max() >= num_classes else preds.min())
+        raise ValueError(f"a prediction has class id {bad}, outside the {num_classes} classes scored")
     keep = (labels >= 0) & (labels < num_classes)
     if ignore is not None:
         keep &= labels != ignore

@@ -64,6 +64,7 @@ class RemoteRepository(ModelRepository):
             if time.monotonic() - self._listed_at < LISTING_TTL_S:
                 return dict(self._listing)
             self.root.mkdir(parents=True, exist_ok=True)
+            self.fs.invalidate_cache(self.base)  # s3fs/gcsfs keep listings forever otherwise: new models never show
             try:
                 entries = self.fs.ls(self.base, detail=True)
             except FileNotFoundError:

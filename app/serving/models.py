@@ -238,8 +238,12 @@ class ModelSet:
         finally:
             with self._lock:
                 self._loading.discard(name)
-        memory = {"memory_bytes": max(rss_bytes() - host_before, 0),
-                  "device_bytes": load_device_bytes(model, self.pid, gpu_before)}
+        try:
+            device_bytes = load_device_bytes(model, self.pid, gpu_before)
+        except Exception:  # a figure, never a reason to lose a loaded model
+            log.exception("GPU memory of %s could not be read", name)
+            device_bytes = None
+        memory = {"memory_bytes": max(rss_bytes() - host_before, 0), "device_bytes": device_bytes}
         with self._lock:
             self._models[name], self._memory[name] = model, memory
         self.metrics.loaded.labels(name).set(1)

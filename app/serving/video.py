@@ -336,10 +336,10 @@ def class_counts(labels: np.ndarray, classes: int) -> np.ndarray:
     if labels.dtype == np.uint8:  # OpenCV's histogram releases the GIL, so frames count in parallel
         hist = cv2.calcHist([labels], [0], None, [256], [0, 256]).ravel().astype(np.int64)
     else:
-        hist = np.bincount(labels.ravel().astype(np.int64).clip(0), minlength=classes)
-    out = hist[:classes].copy()
-    out = np.append(out, hist[classes:].sum())  # the rest, so shares are of all pixels
-    return out
+        ids = labels.ravel().astype(np.int64)
+        hist = np.bincount(ids[ids >= 0], minlength=classes)
+        hist = np.append(hist, int((ids < 0).sum()))  # negative ids are pixels of no class, like ids beyond it
+    return np.append(hist[:classes], hist[classes:].sum())  # the rest, so shares are of all pixels
 
 
 class Composer:

@@ -55,6 +55,7 @@ class VideoJobs:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[str, Job] = {}  # queued or running here
         self._lock = threading.Lock()
+        self._prune_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._owner = uuid.uuid4().hex
         self._owner_file = None
@@ -136,7 +137,18 @@ class VideoJobs:
             return False
 
     def prune(self) -> None:
-        """Delete finished jobs beyond the count kept and older than the age kept (oldest first)."""
+        """Delete finished jobs beyond the count kept and older than the age kept (oldest first). Never raises (a
+        sweep must not end the worker) and never runs twice at once (a sweep already running is enough)."""
+        if not self._prune_lock.acquire(blocking=False):
+            return
+        try:
+            self._prune()
+        except Exception:  # an unreadable folder or record: logged, and the next sweep tries again
+            log.exception("sweeping old video jobs")
+        finally:
+            self._prune_lock.release()
+
+    def _prune(self) -> None:
         s = self.settings
         finished = sorted(((r.get("finished") or 0, f) for f in self._folders()
                            if (r := self._read(f)).get("state") not in UNFINISHED), reverse=True)
@@ -181,7 +193,8 @@ class VideoJobs:
             self._write(folder, record)
             job = self._jobs[job_id] = Job(job_id, folder, model.acquire(), alpha, labels, record)
         self._queue.put(job)
-        self.prune()
+        # Old results go now, off the caller's thread (the API calls this from its event loop)
+        threading.Thread(target=self.prune, name="video-sweep", daemon=True).start()
         return record
 
     def status(self, job_id: str) -> dict:
