@@ -228,3 +228,22 @@ def test_models_lists_one_entry_with_its_engines_and_refuses_to_load_here(engine
         # deleting the model removes every engine and its metadata
         assert c.delete("/engines/seg", headers={"Authorization": "Bearer t"}).status_code == 200
     assert sorted(p.name for p in engines.iterdir() if p.name.startswith("seg")) == []
+
+
+def test_a_model_replaced_in_the_store_is_fetched_with_its_new_hash(tmp_path, source, uri):
+    """The model file and its metadata replaced together within the listing's few seconds: the fetch sees the new
+    file with the old hash, reads the metadata again, and serves the new model instead of refusing it."""
+    from app.repository.remote import repository_at
+
+    repository = repository_at(uri, tmp_path / "cache")
+    first = repository.local_path("rgb")
+    assert first.read_bytes() == (source / "rgb.onnx").read_bytes()
+    newer = tmp_path / "newer"
+    rgb_model(newer / "rgb.onnx", height="H", width="W", conv=True)
+    ModelRepository(newer).stamp_sha256()
+    assert (newer / "rgb.onnx").read_bytes() != (source / "rgb.onnx").read_bytes()
+    publish(newer, uri)
+    (tmp_path / "cache").joinpath(first.parent.name, "rgb.onnx").unlink()  # the next load fetches
+    fetched = repository.local_path("rgb")
+    assert fetched.read_bytes() == (newer / "rgb.onnx").read_bytes()
+    assert load_meta(fetched).sha256 == sha256_file(newer / "rgb.onnx")

@@ -15,10 +15,11 @@ import posixpath
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..core.config import Settings, check_uri
-from ..core.errors import Conflict, ModelError
+from ..core.errors import Conflict, ModelError, ServiceError, Unavailable
 from ..core.metadata import load_meta, meta_path, sha256_file, write_atomic
 from .store import STAGED_PREFIX, ModelRepository, split_file
 
@@ -65,10 +66,11 @@ class RemoteRepository(ModelRepository):
                 return dict(self._listing)
             self.root.mkdir(parents=True, exist_ok=True)
             self.fs.invalidate_cache(self.base)  # s3fs/gcsfs keep listings forever otherwise: new models never show
-            try:
-                entries = self.fs.ls(self.base, detail=True)
-            except FileNotFoundError:
-                entries = []
+            with self._reaching():
+                try:
+                    entries = self.fs.ls(self.base, detail=True)
+                except FileNotFoundError:
+                    entries = []
             infos = {posixpath.basename(e["name"].rstrip("/")): e for e in entries if e.get("type") == "file"}
             listing = {f: int(info["size"]) for f, info in infos.items() if split_file(f)}
             for file in listing:
@@ -79,7 +81,8 @@ class RemoteRepository(ModelRepository):
                     continue
                 seen = json.dumps(info, sort_keys=True, default=str)  # size, mtime / ETag: changed or not
                 if self._seen.get(meta) != seen or not local.exists():
-                    write_atomic(local, self.fs.cat_file(info["name"]))
+                    with self._reaching():
+                        write_atomic(local, self.fs.cat_file(info["name"]))
                     self._seen[meta] = seen
             self._listing, self._listed_at = listing, time.monotonic()
             return dict(listing)
@@ -92,9 +95,20 @@ class RemoteRepository(ModelRepository):
         """The file to load here, fetched into the cache and checked against its recorded sha256."""
         return self.fetch(super().local_path(name).name)
 
-    def fetch(self, file: str) -> Path:
+    @contextmanager
+    def _reaching(self):
+        """The store's own errors (botocore's, gcsfs's, aiohttp's: not all are OSError) as a 503 saying which store."""
+        try:
+            yield
+        except (ServiceError, FileNotFoundError):
+            raise
+        except Exception as exc:
+            raise Unavailable(f"cannot read the model repository {self.uri}: {exc.__class__.__name__}: {exc}") from exc
+
+    def fetch(self, file: str, relisted: bool = False) -> Path:
         """``file`` in the cache, matching the sha256 its metadata records: a cached copy that does not match is
-        fetched again; a remote file that does not match is refused (:class:`ModelError`, the model ``failed``)."""
+        fetched again; a remote file that does not match is refused (:class:`ModelError`, the model ``failed``),
+        after one fresh read of its metadata (a model replaced within the listing's few seconds is not refused)."""
         local = self.root / file
         want = load_meta(local).sha256
         if not want:
@@ -108,8 +122,14 @@ class RemoteRepository(ModelRepository):
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f"{STAGED_PREFIX}{os.getpid()}.", suffix=".fetch")
         os.close(fd)
         try:
-            self.fs.get_file(posixpath.join(self.base, file), tmp)
+            with self._reaching():
+                self.fs.get_file(posixpath.join(self.base, file), tmp)
             got = sha256_file(Path(tmp))
+            if got != want and not relisted:
+                with self._lock:
+                    self._listed_at = float("-inf")
+                self.listing()
+                return self.fetch(file, relisted=True)
             if got != want:
                 raise ModelError(f"{self.uri}/{file} does not match the sha256 its metadata records ({want[:16]}..., "
                                  f"the file has {got[:16]}...): refused, not served")
