@@ -226,7 +226,8 @@ def test_models_lists_one_entry_with_its_engines_and_refuses_to_load_here(engine
         assert r.status_code == 409 and "no engine of 'seg' runs here" in r.json()["detail"], r.text
         assert c.get("/engines/seg").json()["name"] == "seg"
         # deleting the model removes every engine and its metadata
-        assert c.delete("/engines/seg", headers={"Authorization": "Bearer t"}).status_code == 200
+        r = c.delete("/engines/seg", headers={"Authorization": "Bearer t"})
+        assert r.status_code == 200 and len(r.json()["files"]) == 3, r.text  # the answer names each file removed
     assert sorted(p.name for p in engines.iterdir() if p.name.startswith("seg")) == []
 
 

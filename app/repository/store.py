@@ -158,12 +158,14 @@ class ModelRepository:
                 stamped.append(file)
         return stamped
 
-    def delete(self, name: str) -> None:
-        """Remove a model (every engine of it) and its metadata."""
-        for file in self.files(name):
+    def delete(self, name: str) -> "list[str]":
+        """Remove a model (every engine of it) and its metadata; the model files removed."""
+        files = self.files(name)
+        for file in files:
             path = self._inside(self.root / file)
             path.unlink()
             meta_path(path).unlink(missing_ok=True)
+        return files
 
     def temp_upload(self, suffix: str = ".onnx") -> Path:
         """A fresh hidden file in the repository for an upload in progress (same file system: atomic rename).

@@ -57,8 +57,8 @@ async def delete(name: str, state: StateDep, models: ModelsDep) -> dict:
         raise Conflict(f"{name!r} is being served as the default model; activate another model first")
     await run_in_threadpool(models.unload, model)
     await run_in_threadpool(models.wait_unloaded_everywhere, model)
-    state.repository.delete(name)
-    return {"deleted": path.name}
+    files = state.repository.delete(name)
+    return {"deleted": path.name, "files": files}
 
 
 def parse_metadata(text: str | None) -> ModelMeta | None:
