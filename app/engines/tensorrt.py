@@ -53,10 +53,14 @@ def local_gpu() -> dict:
     read from its package metadata (``tensorrt`` itself is never imported for this)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        trt = version("tensorrt")
-    except PackageNotFoundError:
-        trt = None
+    trt = None
+    # The bindings come as `tensorrt`, or only as one of NVIDIA's per-CUDA or lean packages
+    for dist in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11", "tensorrt_lean", "tensorrt_dispatch"):
+        try:
+            trt = version(dist)
+            break
+        except PackageNotFoundError:
+            continue
     return {**gpu_info(), "tensorrt_version": trt}
 
 
