@@ -51,6 +51,7 @@ class RayTask:
 
     def __init__(self, stream, first: str):
         self.stream, self.first, self.status, self.lost, self.done = stream, first, None, None, False
+        self.stopped = False
 
     def lines(self) -> Iterator[str]:
         yield self.first  # until the task starts (Ray may be waiting for a node with room), this says why
@@ -63,7 +64,8 @@ class RayTask:
                     yield item
         except ray.exceptions.RayError as exc:  # its node or worker died, or it was cancelled
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            self.lost = f"the build's Ray task was lost ({type(exc).__name__}: {reason}); queue the build again"
+            self.lost = ("the service stopped while this build ran; queue it again" if self.stopped else
+                         f"the build's Ray task was lost ({type(exc).__name__}: {reason}); queue the build again")
         self.done = True
 
     def outcome(self, lines: list[str]) -> str | None:
@@ -75,6 +77,7 @@ class RayTask:
 
     def kill(self) -> None:
         if not self.done:
+            self.stopped = True  # the cancellation that follows is ours, not a lost node
             ray.cancel(self.stream, force=True)
 
 
@@ -85,7 +88,8 @@ class RayRunner:
 
     def check_target(self, target: str) -> None:
         if target == "tensorrt" and not ray.cluster_resources().get("GPU", 0):
-            raise TensorRTUnavailable("no node of the Ray cluster has a GPU, which a TensorRT build needs")
+            raise TensorRTUnavailable("no node of the Ray cluster has a GPU up now, which a TensorRT build needs "
+                                      "(an autoscaler's GPU nodes that are scaled to zero do not count: start one)")
 
     def task_options(self, job: dict) -> dict:
         """The Ray task's options for ``job``: its resources (one CPU is a task's default)."""
