@@ -43,6 +43,15 @@ class BodyLimitMiddleware:
             try:
                 message = await asyncio.wait_for(receive(), max(wait, 0.0))
             except asyncio.TimeoutError:
+                message = None
+            if message is None:
+                # A body that arrived while this event loop was itself held up (a busy machine) is already here:
+                # one short look before calling the client slow.
+                try:
+                    message = await asyncio.wait_for(receive(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+            if message is None:
                 # Stop reading here. The app sees a disconnect and gives up on the body; whatever it answers is
                 # replaced by the refusal below.
                 total = time.monotonic() >= deadline
