@@ -248,3 +248,29 @@ def test_a_model_replaced_in_the_store_is_fetched_with_its_new_hash(tmp_path, so
     fetched = repository.local_path("rgb")
     assert fetched.read_bytes() == (newer / "rgb.onnx").read_bytes()
     assert load_meta(fetched).sha256 == sha256_file(newer / "rgb.onnx")
+
+
+def test_an_engine_beside_its_onnx_keeps_its_own_metadata(tmp_path):
+    """`segment compile m.onnx m.trt` (the seed's form): the engine's metadata goes to m.trt.json and the ONNX's m.json
+    stays its own; one model lists both, in a folder and through an object store."""
+    from app.core.metadata import ModelMeta, save_meta
+    from app.repository.remote import repository_at
+
+    folder = tmp_path / "engines"
+    rgb_model(folder / "m.onnx", height="H", width="W")
+    onnx_meta = (folder / "m.json").read_text()
+    (folder / "m.trt").write_bytes(os.urandom(256))
+    save_meta(folder / "m.trt", ModelMeta.model_validate(
+        {"dataset": "camvid", "precision": "fp16", "input_size": [64, 96],
+         "build": {"target": "tensorrt", "source": "m.onnx", **H100}}))
+    assert (folder / "m.json").read_text() == onnx_meta and (folder / "m.trt.json").is_file()
+    assert load_meta(folder / "m.onnx").precision == "fp32" and load_meta(folder / "m.trt").precision == "fp16"
+    (entry,) = ModelRepository(folder).list()
+    assert entry["file"] == "m.onnx" and [e["file"] for e in entry["engines"]] == ["m.trt"]
+    assert entry["engines"][0]["built_for"] == "NVIDIA H100 80GB HBM3 (sm90, TensorRT 10.3.0)"
+    uri = f"memory://repo-{uuid.uuid4().hex}"
+    publish(folder, uri)
+    remote = repository_at(uri, tmp_path / "cache")
+    (entry,) = remote.list()
+    assert entry["precision"] == "fp32" and entry["engines"][0]["built_for"].startswith("NVIDIA H100")
+    assert load_meta(remote.root / "m.trt").precision == "fp16"

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -80,9 +81,17 @@ class ModelMeta(BaseModel):
         return self
 
 
-def meta_path(model_path: Path) -> Path:
-    """The metadata file that belongs to ``model_path``."""
-    return model_path.with_suffix(".json")
+def meta_path(model_path: Path, exists: Callable[[Path], bool] = Path.exists) -> Path:
+    """The metadata file that belongs to ``model_path``: ``NAME.json`` for ``NAME.onnx``; an engine's own
+    ``NAME.trt.json`` (``.engine.json``, ``.plan.json``), so that ``segment compile m.onnx m.trt`` (the seed's form)
+    leaves the ONNX's ``m.json`` alone. An engine with only a ``NAME.json`` and no ``NAME.onnx`` beside it (as
+    written before) keeps reading that one. ``exists`` answers for another store than the local disk."""
+    if model_path.suffix.lower() == ".onnx":
+        return model_path.with_suffix(".json")
+    own, shared = model_path.with_name(model_path.name + ".json"), model_path.with_suffix(".json")
+    if not exists(own) and exists(shared) and not exists(model_path.with_suffix(".onnx")):
+        return shared
+    return own
 
 
 def load_meta(model_path: Path) -> ModelMeta:

@@ -74,8 +74,8 @@ class RemoteRepository(ModelRepository):
             infos = {posixpath.basename(e["name"].rstrip("/")): e for e in entries if e.get("type") == "file"}
             listing = {f: int(info["size"]) for f, info in infos.items() if split_file(f)}
             for file in listing:
-                meta = meta_path(Path(file)).name
-                local, info = self.root / meta, infos.get(meta)
+                meta = meta_path(Path(file), exists=lambda p: p.name in infos).name  # as the store names it
+                local, info = meta_path(self.root / file, exists=lambda p: False), infos.get(meta)  # the cache: its own
                 if info is None:
                     local.unlink(missing_ok=True)
                     continue

@@ -131,18 +131,19 @@ class ModelRepository:
                 "complete": complete, "problem": problem, "metadata": meta}
 
     def list(self) -> list[dict]:
-        """Every model, sorted by name; engines without build metadata are marked incomplete. A model with engines
-        for several GPU kinds is one entry (its first engine), with ``engines`` naming each and what it was built
-        for."""
+        """Every model, sorted by name; engines without build metadata are marked incomplete. A model of several
+        files (engines for several GPU kinds, or an engine beside its ONNX source) is one entry (the ONNX, else its
+        first engine), with ``engines`` naming each engine and what it was built for."""
         listing = self.listing()
         entries = []
         for name in sorted({split_file(f)[0] for f in listing}):
             files = self.files(name, listing)
             entry = self.describe(self.root / files[0], listing[files[0]])
-            if len(files) > 1 and entry["kind"] == "tensorrt":
+            engines = [f for f in files if kind_of(Path(f)) == "tensorrt"]
+            if len(files) > 1 and engines:  # several GPU kinds, or an engine beside its ONNX (`m.onnx m.trt`)
                 entry["engines"] = [{"file": f, "built_for": built_for(((self.describe(self.root / f, listing[f])
                                                                           ["metadata"] or {}).get("build") or {}))}
-                                    for f in files]
+                                    for f in engines]
             entries.append(entry)
         return entries
 
