@@ -1,5 +1,8 @@
 """Reading uploads: with their size limits, one image per request, calibration photo sets stored for builds."""
 
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 from fastapi import HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
@@ -8,15 +11,26 @@ from ..repository import ModelRepository
 from ..serving.imaging import decode
 
 
-async def read_upload(upload: UploadFile, limit: int) -> bytes:
-    """The upload's bytes, refusing with 413 as soon as it passes ``limit``."""
-    chunks, size = [], 0
+async def upload_chunks(upload: UploadFile, limit: int, what: str = "upload") -> AsyncIterator[bytes]:
+    """The upload in 1 MiB chunks, refusing with 413 as soon as it passes ``limit``."""
+    size = 0
     while chunk := await upload.read(1 << 20):
         size += len(chunk)
         if size > limit:
-            raise HTTPException(413, detail=f"upload is larger than the {limit:,}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+            raise HTTPException(413, detail=f"{what} is larger than the {limit:,}-byte limit")
+        yield chunk
+
+
+async def read_upload(upload: UploadFile, limit: int) -> bytes:
+    """The upload's bytes, refusing with 413 as soon as it passes ``limit``."""
+    return b"".join([chunk async for chunk in upload_chunks(upload, limit)])
+
+
+async def save_upload(upload: UploadFile, path: Path, limit: int, what: str = "upload") -> None:
+    """Copy the upload to ``path`` in chunks (never all of it in memory), refusing with 413 past ``limit``."""
+    with open(path, "wb") as out:
+        async for chunk in upload_chunks(upload, limit, what):
+            out.write(chunk)
 
 
 async def read_one_image(request: Request, image: UploadFile, limit: int) -> bytes:

@@ -120,6 +120,12 @@ class SegmentationModel:
         return self.contract.shape(batch, height, width)
 
     @cached_property
+    def class_names(self) -> list[str]:
+        """One name per class the model outputs: the metadata's, then ``class N`` past them."""
+        names = list(self.meta.class_names)
+        return [names[i] if i < len(names) else f"class {i}" for i in range(self.num_classes)]
+
+    @cached_property
     def palette_bgr(self) -> np.ndarray:
         """The palette in OpenCV's channel order, contiguous for fast lookups."""
         return np.ascontiguousarray(self.palette[:, ::-1])

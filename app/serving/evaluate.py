@@ -55,9 +55,8 @@ def evaluate(model: SegmentationModel, data: Path, split: str = "val", ignore: i
         return augmented_labels(logits, image, scales, flip) if tta else segment_image(model, image).labels
 
     pipeline = "service pipeline" if not tta else f"test-time augmentation: scales {list(scales)}, flip {flip}"
-    names = list(model.meta.class_names)
-    names = [names[i] if i < len(names) else f"class {i}" for i in range(model.num_classes)]
-    return {"model": model.name, "pipeline": pipeline, **score(predict, data, split, names, ignore, void_id)}
+    return {"model": model.name, "pipeline": pipeline,
+            **score(predict, data, split, model.class_names, ignore, void_id)}
 
 
 class LogitsSession:

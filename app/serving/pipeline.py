@@ -68,12 +68,10 @@ class Segmentation:
         model's classes are named "unknown (id N)", in the palette's unknown colour."""
         counts = np.bincount(self.labels.ravel(), minlength=model.num_classes)
         total = int(counts.sum())
-        names, palette, n_classes = model.meta.class_names, model.palette, model.num_classes
+        names, palette = model.class_names, model.palette
 
         def name(i: int) -> str:
-            if i >= n_classes:
-                return f"unknown (id {i})"
-            return names[i] if i < len(names) else f"class {i}"
+            return names[i] if i < len(names) else f"unknown (id {i})"
 
         return [{"id": i, "name": name(i), "color": "#{:02x}{:02x}{:02x}".format(*palette[min(i, len(palette) - 1)]),
                  "pixels": int(n), "percent": 100.0 * int(n) / total}

@@ -303,11 +303,6 @@ class FrameStats:
         return out.getvalue()
 
 
-def class_names(model: SegmentationModel) -> list[str]:
-    names = list(model.meta.class_names)
-    return [names[i] if i < len(names) else f"class {i}" for i in range(model.num_classes)]
-
-
 @dataclass
 class Progress:
     """Where a video run stands, handed to the ``progress`` callback after each batch."""
@@ -416,7 +411,7 @@ def process(model: SegmentationModel, container, output: Path, *, alpha: float =
     writer: OverlayWriter | None = None
     archive = zipfile.ZipFile(labels_zip, "w", zipfile.ZIP_STORED) if labels_zip else None  # PNGs are compressed
     state = Progress(frames_total=frames_total)
-    names = class_names(model)
+    names = model.class_names
     if compose_threads is None:  # a GPU host's cores keep up with its model; two still overlap on a small CPU
         compose_threads = max(2, min(8, (os.cpu_count() or 2) // 2))
     composer = Composer(model.palette_bgr, alpha, len(names), archive is not None, compose_threads)

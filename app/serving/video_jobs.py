@@ -164,9 +164,11 @@ class VideoJobs:
     def check_capacity(self) -> None:
         """503 + Retry-After when ``video_queue`` jobs are already queued or running here."""
         with self._lock:
-            busy = len(self._jobs)
-        if busy >= self.settings.video_queue:
-            raise Busy(f"{busy} video jobs are queued or running, the limit; retry later", retry_after=30)
+            self._check_room()
+
+    def _check_room(self) -> None:  # with the lock held
+        if len(self._jobs) >= self.settings.video_queue:
+            raise Busy(f"{len(self._jobs)} video jobs are queued or running, the limit; retry later", retry_after=30)
 
     def new_folder(self) -> tuple[str, Path]:
         """A fresh job id and its folder, for the upload to be written into before :meth:`submit`."""
@@ -187,9 +189,7 @@ class VideoJobs:
                   "model": model.name, "decoder": None, "source": {**info, "filename": filename},
                   "options": {"alpha": alpha, "labels": labels}, "owner": self._owner}
         with self._lock:
-            if len(self._jobs) >= self.settings.video_queue:
-                raise Busy(f"{len(self._jobs)} video jobs are queued or running, the limit; retry later",
-                           retry_after=30)
+            self._check_room()  # again: another upload may have been queued while this one arrived
             self._write(folder, record)
             job = self._jobs[job_id] = Job(job_id, folder, model.acquire(), alpha, labels, record)
         self._queue.put(job)

@@ -8,10 +8,10 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, PlainTextResponse, Response
 
-from ...core.errors import VideoError
 from ...serving.video import FrameStats, probe
 from ...serving.video_jobs import VideoJobs
 from ..deps import ModelDep, StateDep
+from ..uploads import save_upload
 
 router = APIRouter(tags=["video"])
 
@@ -26,7 +26,7 @@ def jobs_of(request: Request) -> VideoJobs:
     return request.app.state.video_jobs
 
 
-def describe(request: Request, record: dict) -> dict:
+def describe(record: dict) -> dict:
     """A job's record with the links a client follows."""
     base = f"/segment/video/{record['id']}"
     links = {"status_url": base}
@@ -55,31 +55,20 @@ async def submit(
     jobs.check_capacity()  # before reading a large upload
     job_id, folder = jobs.new_folder()
     try:
-        await save_upload(video, jobs.input_path(job_id), s.max_video_bytes)
+        await save_upload(video, jobs.input_path(job_id), s.max_video_bytes, "video upload")
         info = await run_in_threadpool(probe, jobs.input_path(job_id), s.max_pixels, s.max_video_frames)
         record = jobs.submit(job_id, model, info.as_dict(), alpha, labels, video.filename)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    return describe(request, record)
-
-
-async def save_upload(upload: UploadFile, path, limit: int) -> None:
-    """Copy the upload to ``path`` in chunks, refusing with 413 as soon as it passes ``limit``."""
-    size = 0
-    with open(path, "wb") as out:
-        while chunk := await upload.read(1 << 20):
-            size += len(chunk)
-            if size > limit:
-                raise VideoError(413, f"video upload is larger than the {limit:,}-byte limit")
-            out.write(chunk)
+    return describe(record)
 
 
 @router.get("/segment/video/{job_id}", responses=ERRORS)
 def status(request: Request, job_id: str) -> dict:
     """`state` (queued, running, done, failed), `frames_done`, `frames_total`, processing `fps`, `error`, and
     when done `video_url`, `stats_url` (and `labels_url`)."""
-    return describe(request, jobs_of(request).status(job_id))
+    return describe(jobs_of(request).status(job_id))
 
 
 @router.get("/segment/video/{job_id}/stats", responses={200: {"content": {"application/json": {}, "text/csv": {}}},
