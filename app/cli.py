@@ -296,7 +296,7 @@ def cmd_eval(args) -> int:
         try:
             result = evaluate(model, args.data, args.split, void_id=args.void_id, flip=args.flip, scales=args.scales)
         except (ValueError, FileNotFoundError) as exc:
-            raise SystemExit(f"error: {exc}") from None
+            raise fail(str(exc)) from None
         finally:
             model.close()
     print(f"{result['pipeline']}: mIoU {result['miou']:.4f}  pixel accuracy {result['pixel_accuracy']:.4f}  "

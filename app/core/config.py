@@ -139,7 +139,7 @@ class Settings(BaseSettings):
     @classmethod
     def _folder_or_uri(cls, value):
         # A URI stays text (a Path would fold "s3://b" into "s3:/b"); anything else is a folder.
-        if isinstance(value, str) and "://" in value:
+        if is_uri(value):
             return check_uri(value)
         return Path(value) if isinstance(value, str) else value
 
@@ -167,8 +167,8 @@ class Settings(BaseSettings):
 
 
 def is_uri(location: Path | str) -> bool:
-    """Whether a repository location is an fsspec URI (text) rather than a folder."""
-    return isinstance(location, str)
+    """Whether a repository location is an fsspec URI (``scheme://...``, kept as text) rather than a folder."""
+    return isinstance(location, str) and "://" in location
 
 
 def check_uri(uri: str) -> str:

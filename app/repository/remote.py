@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..core.config import Settings, check_uri
+from ..core.config import Settings, check_uri, is_uri
 from ..core.errors import Conflict, ModelError, ServiceError, Unavailable
 from ..core.metadata import load_meta, meta_path, sha256_file, write_atomic
 from .store import STAGED_PREFIX, ModelRepository, split_file
@@ -35,7 +35,7 @@ def open_repository(settings: Settings) -> ModelRepository:
 
 def repository_at(location: Path | str, cache_dir: Path) -> ModelRepository:
     """A folder's repository, or a URI's read through ``cache_dir`` (an unknown scheme: ValueError saying so)."""
-    if isinstance(location, str) and "://" in location:
+    if is_uri(location):
         return RemoteRepository(check_uri(location), cache_dir)
     return ModelRepository(Path(location))
 

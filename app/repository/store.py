@@ -97,15 +97,19 @@ class ModelRepository:
         (:class:`IncompatibleEngine`, 409, saying why when none is)."""
         files = self.files(name)
         if len(files) > 1 and kind_of(Path(files[0])) == "tensorrt":
-            builds = {}
-            for f in files:
-                try:
-                    meta = load_meta(self.root / f)
-                except MetadataError:
-                    continue
-                builds[f] = meta.build.model_dump() if meta.build else {}
-            return self._inside(self.root / choose_engine(builds, local_gpu()))
+            return self._inside(self.root / choose_engine(self._builds(files), local_gpu()))
         return self._inside(self.root / files[0])
+
+    def _builds(self, files: "list[str]") -> dict[str, dict]:
+        """The build record of each of ``files`` whose metadata reads (empty when it has none)."""
+        builds = {}
+        for f in files:
+            try:
+                meta = load_meta(self.root / f)
+            except MetadataError:
+                continue
+            builds[f] = meta.build.model_dump() if meta.build else {}
+        return builds
 
     def check_writable(self) -> None:
         """Nothing here; a remote repository raises :class:`Conflict` (it is read-only through the service)."""
@@ -141,9 +145,8 @@ class ModelRepository:
             entry = self.describe(self.root / files[0], listing[files[0]])
             engines = [f for f in files if kind_of(Path(f)) == "tensorrt"]
             if len(files) > 1 and engines:  # several GPU kinds, or an engine beside its ONNX (`m.onnx m.trt`)
-                entry["engines"] = [{"file": f, "built_for": built_for(((self.describe(self.root / f, listing[f])
-                                                                          ["metadata"] or {}).get("build") or {}))}
-                                    for f in engines]
+                builds = self._builds(engines)
+                entry["engines"] = [{"file": f, "built_for": built_for(builds.get(f, {}))} for f in engines]
             entries.append(entry)
         return entries
 
