@@ -31,6 +31,30 @@ def test_batcher_gathers_and_routes_rows_back():
     assert b.stats()["largest_batch"] == max(calls)
 
 
+def test_what_queued_while_a_batch_ran_joins_the_next_even_with_no_wait():
+    """max_wait 0 adds no latency, yet images that arrived while the model was busy still share its next call."""
+    calls, first_running, release = [], threading.Event(), threading.Event()
+
+    def infer(x):
+        calls.append(x.shape[0])
+        first_running.set()
+        release.wait(5)  # the first call holds the model until the others have queued
+        return x * 10
+
+    b = Batcher(infer, max_batch=4, max_wait_ms=0)
+    with ThreadPoolExecutor(5) as pool:
+        first = pool.submit(b.submit, np.full((1, 2), 0, np.int64))
+        assert first_running.wait(5)
+        rest = [pool.submit(b.submit, np.full((1, 2), i, np.int64)) for i in range(1, 5)]
+        while b._queue.qsize() < 4:
+            threading.Event().wait(0.01)
+        release.set()
+        outs = [first.result(5)] + [f.result(5) for f in rest]
+    b.close()
+    assert [int(o[0, 0]) for o in outs] == [0, 10, 20, 30, 40]
+    assert calls == [1, 4]
+
+
 def test_fixed_batch_runs_one_shape_and_rows_right():
     shapes = []
 

@@ -68,10 +68,8 @@ class Batcher:
         items, deadline = [first], time.monotonic() + self.max_wait
         while len(items) < self.max_batch:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                item = self._queue.get(timeout=remaining)
+            try:  # past the wait, what already queued (while the last batch ran) still joins
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is None:
