@@ -72,6 +72,28 @@ def raw_rgb_model(path: Path, height: int | str = 64, width: int | str = 64) -> 
                  {**RGB_META, "input_format": "uint8_nhwc"})
 
 
+def slow_rgb_model(path: Path, size: int = 256, layers: int = 8, channels: int = 32) -> Path:
+    """The RGB model's exact answers at ``size`` x ``size``, after a branch of 3x3 convolutions whose mean is
+    multiplied by zero and added to the input: tens of milliseconds a call on one CPU thread, so that requests
+    arrive while it runs (batching can be seen)."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("input_image", TensorProto.FLOAT, ["N", 3, size, size])
+    y = helper.make_tensor_value_info("preds", TensorProto.UINT8, ["N", size, size])
+    inits, nodes, feature = [onnx.numpy_helper.from_array(np.zeros((), np.float32), "zero")], [], "input_image"
+    for i in range(layers):
+        w = (rng.standard_normal((channels, 3 if i == 0 else channels, 3, 3)) * 0.1).astype(np.float32)
+        inits.append(onnx.numpy_helper.from_array(w, f"w{i}"))
+        nodes += [helper.make_node("Conv", [feature, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        feature = f"r{i}"
+    nodes += [helper.make_node("ReduceMean", [feature], ["mean"], axes=[1, 2, 3], keepdims=1),
+              helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+              helper.make_node("Add", ["input_image", "nothing"], ["same"]),
+              helper.make_node("ArgMax", ["same"], ["idx"], axis=1, keepdims=0),
+              helper.make_node("Cast", ["idx"], ["preds"], to=TensorProto.UINT8)]
+    return _save(helper.make_graph(nodes, "slow_rgb_argmax", [x], [y], initializer=inits), path, RGB_META)
+
+
 def argmin_model(path: Path) -> Path:
     """Like the RGB model but picks the weakest channel: a second model with visibly different answers."""
     x = helper.make_tensor_value_info("input_image", TensorProto.FLOAT, ["N", 3, "H", "W"])

@@ -24,7 +24,7 @@ import pytest
 from app.builds.jobs import JobQueue
 from app.repository import ControlStore
 
-from .models import ROOT, decode_png, make_client, png_bytes, quadrants, raw_rgb_model, rgb_model
+from .models import ROOT, decode_png, make_client, png_bytes, quadrants, raw_rgb_model, rgb_model, slow_rgb_model
 from .server import free_port
 
 # Set before Ray is imported: loopback only (without it ray.init rewrites 127.0.0.1 to the host address and
@@ -184,7 +184,8 @@ def test_every_route_answers_as_the_embedded_service(cluster, tmp_path):
                {k: v for k, v in ej.json().items() if k != "timings_ms"}
     r = segment(cluster.url, data, view="labels")
     assert np.array_equal(decode_png(r.content), truth)
-    assert {"x-ingress-replica", "x-ingress-node", "x-model-replica", "x-model-node", "x-model"} <= set(r.headers)
+    assert {"x-ingress-replica", "x-ingress-node", "x-model-replica", "x-model-node", "x-model-batch",
+            "x-model"} <= set(r.headers)
     assert r.headers["x-ingress-node"] == cluster.head_id
     assert httpx.get(f"{cluster.url}/").text.startswith("<!doctype html>")
     assert httpx.get(f"{cluster.url}/models/active").json()["name"] == "rgb"
@@ -207,6 +208,37 @@ def test_requests_land_on_both_nodes(cluster):
         if len(nodes) == 2:
             break
     assert set(nodes) == {cluster.head_id, cluster.worker_id}, nodes
+
+
+def test_requests_that_arrive_while_a_batch_runs_share_the_next(cluster):
+    """One model replica, batches of up to 4 and no wait at all: what arrives while the model runs (about 17 ms an
+    image) goes into the next batch, so some responses say they ran with others, and each answer is its own."""
+    engines = cluster.tmp / "slow_engines"
+    slow_rgb_model(engines / "slow.onnx")
+    cluster.deploy("batched", "/batched", engines_dir=engines, model="slow", ray_min_replicas=1, ray_max_replicas=1,
+                   batch_max=4, batch_wait_ms=0, control_db=cluster.tmp / "batched.db")
+    try:
+        assert cluster.wait_ready("/batched").status_code == 200
+        photo, truth = quadrants(256, 256)
+        sizes, wrong = [], []
+
+        def client(turn: int):
+            for i in range(3):
+                k = (turn + i) % 4  # four different photos, each with its own answer
+                r = segment(f"{cluster.url}/batched", png_bytes(np.rot90(photo, k).copy()), view="labels")
+                if r.status_code != 200 or not np.array_equal(decode_png(r.content), np.rot90(truth, k)):
+                    wrong.append((r.status_code, r.text[:200]))
+                sizes.append(int(r.headers.get("x-model-batch", 0)))
+
+        threads = [threading.Thread(target=client, args=(t,)) for t in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not wrong
+        assert len(sizes) == 36 and max(sizes) > 1 and max(sizes) <= 4, sizes
+    finally:
+        serve.delete("batched")
 
 
 def test_a_model_that_cannot_load_says_why_in_readyz(cluster):

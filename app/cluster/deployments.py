@@ -2,7 +2,8 @@
 
 - ``SegmentModel`` holds the runners: one replica per GPU (``num_gpus``, fractions share one) or on CPU; models
   chosen per call by name with ``@serve.multiplexed`` (least recently used unloaded beyond
-  ``ray_models_per_replica``); images batched with ``@serve.batch`` (``batch_max``, ``batch_wait_ms``).
+  ``ray_models_per_replica``); images batched as the embedded server batches them (``batch_max``,
+  ``batch_wait_ms``).
 - ``SegmentIngress`` serves the project's FastAPI app (every route, the page, the same errors), decoding and
   encoding on CPU. Its replicas follow the control store in the model repository (``?model=``, ``/models`` load,
   unload, default), as the embedded server's workers do; the model replicas load what the store wants. Its
@@ -12,22 +13,26 @@ Settings are the service's own (``SEGMENT_*``), passed to every replica through 
 """
 
 import asyncio
+import functools
 import json
 import logging
 import os
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
 from pydantic import SecretStr
 from ray import serve
+from ray.util import metrics
 
 from ..core.config import Settings
 from ..core.errors import ServiceError
 from ..engines import OrtOptions, load_model
 from ..main import create_app
 from ..repository import ControlStore, open_repository
-from ..serving.batching import pad_batch
+from ..serving.batching import last_batch
 from ..serving.pipeline import preprocess
 from ..serving.served import ServedModel
 from ..serving.state import control_db_path
@@ -47,7 +52,14 @@ class LoadedModel(ServedModel):
 
 @serve.deployment(name=MODEL_DEPLOYMENT)
 class SegmentModel:
-    """Runs models on batches of RGB uint8 images; each answer names the replica and node that ran it."""
+    """Runs models on RGB uint8 images, batched with other requests for the same model; each answer names the
+    replica and node that ran it.
+
+    Batching is the embedded server's own (``ServedModel.serve``: ``batch_max``, ``batch_wait_ms``), not
+    ``@serve.batch``: Ray 2.60's batcher closes a batch when its wait ends even while the previous batch still
+    runs, and the closed batches queue for their turn, so under load on a model slower than the wait every batch
+    held one image (58 of 58 at 8 clients on CPU; 16 img/s on the H200 padded to 8 rows each). Ours gathers while
+    the model is busy: the next batch is whatever arrived meanwhile."""
 
     async def __init__(self):
         s = Settings()
@@ -55,8 +67,11 @@ class SegmentModel:
             s = s.model_copy(update={"ort_threads": max(1, int(s.ray_model_cpus))})
         self.settings, self.repository = s, open_repository(s)
         self.served_by = here()
-        self.batched.set_max_batch_size(s.batch_max)
-        self.batched.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
+        # A request waits for its batch in one of these threads: as many as requests the replica takes at once.
+        self.pool = ThreadPoolExecutor(max_ongoing(s), thread_name_prefix="segment-model")
+        self.batch_size = metrics.Histogram("segment_model_batch_size", "Images per runner call in a model replica",
+                                            boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("model",))
+        self.open_models: weakref.WeakValueDictionary[str, LoadedModel] = weakref.WeakValueDictionary()
         # Serve routes a model's requests to the replicas that hold it, so one without it would sit idle: every
         # replica loads the models the control store wants (the default first) before it takes requests, and
         # follows the store's changes. A failure is logged here and said by ``describe`` (then in /readyz).
@@ -89,10 +104,11 @@ class SegmentModel:
     def _open(self, name: str) -> LoadedModel:
         s = self.settings
         model = load_model(self.repository.local_path(name), backend=s.backend, ort=OrtOptions.from_settings(s))
-        if model.runtime.shape_change_is_costly and model.batch_dynamic and not model.dynamic_hw:
-            # ONNX Runtime on CUDA re-plans for seconds on a new input shape: warm the one batch shape used.
-            model.infer(np.zeros(model.input_shape(s.batch_max, *model.input_hw), model.input_dtype))
-        return LoadedModel(model)
+        observe = functools.partial(self.batch_size.observe, tags={"model": name})
+        # On ONNX Runtime's CUDA provider this also warms the one batch shape every call is padded to.
+        loaded = LoadedModel.serve(model, s.batch_max, s.batch_wait_ms, on_batch=observe)
+        self.open_models[name] = loaded
+        return loaded
 
     @serve.multiplexed(max_num_models_per_replica=int(os.environ.get("SEGMENT_RAY_MODELS_PER_REPLICA", "3")))
     async def model(self, name: str) -> LoadedModel:
@@ -100,9 +116,10 @@ class SegmentModel:
 
     async def _model(self) -> LoadedModel:
         name = serve.get_multiplexed_model_id()
-        # An unknown name fails here, before the cache evicts anything for it; off the event loop, since an object
-        # store's listing may be read on the way
-        await asyncio.get_running_loop().run_in_executor(None, self.repository.path, name)
+        if name not in self.open_models:
+            # An unknown name fails here, before the cache evicts anything for it; off the event loop, since an
+            # object store's listing may be read on the way
+            await asyncio.get_running_loop().run_in_executor(None, self.repository.path, name)
         return await self.model(name)
 
     async def describe(self) -> dict:
@@ -116,39 +133,30 @@ class SegmentModel:
         return {**model.describe(), "palette": model.palette.tolist(), "served_by": self.served_by}
 
     async def infer(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
-        """Labels [1,H,W] for one RGB uint8 [1,H,W,3] image, run in a batch with others for the same model."""
-        return await self.batched(image), self.served_by
-
-    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.002)
-    async def batched(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        # Serve forms batches per multiplexed model id, so one model serves each batch.
+        """Labels [1,H,W] for one RGB uint8 [1,H,W,3] image, run in a batch with others for the same model; with
+        the replica and node that ran it and the batch's size."""
         model = await self._model()
         model.acquire()
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, self._run, model, images)
+            labels, size = await asyncio.get_running_loop().run_in_executor(self.pool, self._run, model, image)
         finally:
             model.release()
-
-    def _run(self, model: LoadedModel, images: list[np.ndarray]) -> list[np.ndarray]:
-        out: list = [None] * len(images)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, image in enumerate(images):
-            by_shape.setdefault(image.shape, []).append(i)
-        for indices in by_shape.values():
-            x = np.concatenate([self._input(model, images[i]) for i in indices])
-            if model.runtime.shape_change_is_costly and model.batch_dynamic:
-                x = pad_batch(x, self.settings.batch_max)
-            labels = model.infer(x)
-            for row, i in enumerate(indices):
-                out[i] = labels[row:row + 1]
-        return out
+        return labels, {**self.served_by, "batch": size}
 
     @staticmethod
-    def _input(model: LoadedModel, rgb: np.ndarray) -> np.ndarray:
-        """The model's own input from the RGB uint8 image the ingress sent (normalised NCHW for float models)."""
-        if model.uint8_input:
-            return rgb
-        return preprocess(cv2.cvtColor(rgb[0], cv2.COLOR_RGB2BGR), model, rgb.shape[1:3])
+    def _run(model: LoadedModel, rgb: np.ndarray) -> tuple[np.ndarray, int]:
+        """The model's own input from the RGB uint8 image the ingress sent (normalised NCHW for a float model,
+        in this request's thread), then its batch: the labels and the batch's size."""
+        x = rgb if model.uint8_input else preprocess(cv2.cvtColor(rgb[0], cv2.COLOR_RGB2BGR), model, rgb.shape[1:3])
+        last_batch()  # forget one this pool thread ran for an earlier request
+        labels = model.infer(x)
+        batch = last_batch()
+        return labels, batch.size if batch is not None else 1
+
+
+def max_ongoing(settings: Settings) -> int:
+    """Requests a model replica takes at once: two full batches, so one gathers while the other runs."""
+    return max(8, 2 * settings.batch_max)
 
 
 @serve.deployment(name=INGRESS_DEPLOYMENT)
@@ -189,7 +197,7 @@ def application(settings: Settings, ingress_resources: dict | None = None):
                                        "target_ongoing_requests": s.ray_target_ongoing_requests}})
     model = SegmentModel.options(
         ray_actor_options={"num_cpus": s.ray_model_cpus, "num_gpus": s.ray_model_gpus, "runtime_env": runtime_env},
-        max_ongoing_requests=max(8, 2 * s.batch_max), **scaling)
+        max_ongoing_requests=max_ongoing(s), **scaling)
     ingress = SegmentIngress.options(
         num_replicas=s.ray_ingress_replicas, max_ongoing_requests=s.max_inflight,
         ray_actor_options={"num_cpus": s.ray_ingress_cpus, "runtime_env": runtime_env,

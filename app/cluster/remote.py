@@ -140,7 +140,8 @@ class ClusterState(ServiceState):
 
 
 class ServedByMiddleware:
-    """Response headers naming the ingress replica and node, and the model replica and node that ran the model."""
+    """Response headers naming the ingress replica and node, and the model replica and node that ran the model
+    and the size of the batch it ran in."""
 
     def __init__(self, app):
         self.app = app
@@ -161,7 +162,8 @@ class ServedByMiddleware:
                             (b"x-ingress-node", self.ingress["node"].encode())]
                 if record:
                     headers += [(b"x-model-replica", record["replica"].encode()),
-                                (b"x-model-node", record["node"].encode())]
+                                (b"x-model-node", record["node"].encode()),
+                                (b"x-model-batch", str(record["batch"]).encode())]
                 message = {**message, "headers": headers}
             await send(message)
 
