@@ -10,6 +10,9 @@ from urllib.parse import urlsplit
 import httpx
 
 
+BATCH = "model batch"  # in a result's stages: the mean size of the batch each request ran in (Ray mode), not ms
+
+
 def run_clients(worker: Callable[[], None], clients: int) -> float:
     """Run ``worker`` in ``clients`` threads at once; the wall time in seconds until all have finished."""
     threads = [threading.Thread(target=worker) for _ in range(clients)]
@@ -39,6 +42,7 @@ def _client_process(url: str, body: bytes, headers: dict, threads: int, start_at
                 response = conn.getresponse()
                 response.read()
                 status, timing = response.status, response.getheader("Server-Timing", "")
+                batch = response.getheader("X-Model-Batch")  # Ray mode: the model replica's batch
                 if not keep_alive:
                     conn.close()  # the next request connects again (http.client reopens by itself)
             except (OSError, http.client.HTTPException) as exc:
@@ -55,6 +59,8 @@ def _client_process(url: str, body: bytes, headers: dict, threads: int, start_at
                     for part in timing.split(","):  # "decode;dur=61.20, inference;dur=5.10, ..."
                         stage, _, dur = part.strip().partition(";dur=")
                         stages[stage] = stages.get(stage, 0.0) + float(dur)
+                    if batch:
+                        stages[BATCH] = stages.get(BATCH, 0.0) + int(batch)
         conn.close()
 
     run_clients(worker, threads)
@@ -67,7 +73,8 @@ def post_load(url: str, data: bytes, filename: str, content_type: str, clients: 
     ``processes`` so that the load generator's own Python does not set the pace. The multipart body is built once
     (by httpx) and re-sent, over kept-alive connections or (``keep_alive=False``) a new connection per request,
     which lets a multi-worker server hand each request to whichever worker accepts first. Returns images/s, p50/p99 ms, count, error codes and the
-    mean of each server stage (from the responses' Server-Timing headers, so every worker process counts)."""
+    mean of each server stage (from the responses' Server-Timing headers, so every worker process counts), and
+    in Ray mode the mean batch a request ran in (``BATCH``)."""
     request = httpx.Request("POST", f"{url}/segment", files={"image": (filename, data, content_type)})
     body, headers = request.read(), {k: v for k, v in request.headers.items() if k.lower() != "host"}
     processes = max(1, min(processes, clients))

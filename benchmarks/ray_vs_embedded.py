@@ -1,16 +1,18 @@
 """Ray Serve mode against the embedded server, side by side in one run, on the same model and photo.
 
     python benchmarks/ray_vs_embedded.py [--clients 1,4] [--seconds 10] [--rounds 2] [--model NAME]
-    python benchmarks/ray_vs_embedded.py --gpu --clients 32,64 --embedded-workers 16 --ingress-replicas 8 \\
-                                         --model-replicas 1 --batch-max 8 --models DIR --model camvid
+    python benchmarks/ray_vs_embedded.py --gpu --jpeg --clients 32,64 --embedded-workers 16 --ingress-replicas 8 \
+                                         --model-replicas 1 --batch-max 8 --models DIR --model camvid_fp16
 
 Starts both at once on loopback: `segment serve` (``--embedded-workers`` processes) and `segment serve --ray` (a
 local Ray: ``--ingress-replicas`` CPU ingress replicas, ``--model-replicas`` model replicas with all the CPUs
-left, or one GPU each with ``--gpu``). Then, in alternating rounds so that other load on the machine hits both
-alike, ``clients`` concurrent clients upload the sample photo (2048x1024 PNG, or a JPEG of it with ``--jpeg``) to
-each for ``seconds``. Prints images/s, p50/p99 latency, the Ray/embedded ratios, and where Ray's extra time goes
-from the responses' Server-Timing: the model call through the deployment handle (Ray's "inference" minus the
-embedded one) and the HTTP proxy hop plus the rest (the extra latency not inside the ingress's stages).
+left, or ``--model-gpus`` of a GPU each with ``--gpu``; ``--haproxy`` puts Serve's HAProxy in front instead of its
+Python proxy; ``--servers ray`` runs Ray alone). Then, in alternating rounds so that other load on the machine
+hits both alike, ``clients`` concurrent clients upload the sample photo (2048x1024 PNG, or a JPEG of it with
+``--jpeg``) to each for ``seconds``. Prints images/s, p50/p99 latency, the machine's CPU and GPU busy share, the
+mean batch in Ray mode, the Ray/embedded ratios, and where Ray's extra time goes from the responses'
+Server-Timing: the model call through the deployment handle (Ray's "inference" minus the embedded one) and the
+HTTP proxy hop plus the rest (the extra latency not inside the ingress's stages).
 """
 
 import argparse
@@ -21,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.core.resources import sample_image, seed_repository  # noqa: E402
 from app.engines.host import cpu_name  # noqa: E402
-from benchmarks.loadgen import post_load  # noqa: E402
+from benchmarks.loadgen import BATCH, post_load  # noqa: E402
 from tests.server import free_port  # noqa: E402
 
 
@@ -67,6 +70,60 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def running(name: str) -> int:
+    """How many processes called ``name`` run on this machine."""
+    count = 0
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            count += comm.read_text().strip() == name
+        except OSError:  # ended meanwhile
+            pass
+    return count
+
+
+def gpu_name() -> str:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return f", {pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))}"
+    except Exception:  # no NVIDIA driver or no pynvml: a CPU run
+        return ""
+
+
+class Busy:
+    """The machine's CPU busy share (all cores, from /proc/stat) and GPU 0's mean utilisation (NVML, sampled every
+    0.2 s; NaN without a GPU) from now until ``stop``."""
+
+    def __init__(self):
+        self.cpu0, self.samples, self.done = self._cpu(), [], threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _cpu() -> tuple[int, int]:
+        fields = list(map(int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]))
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    def _sample(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            gpu = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:
+            return
+        while not self.done.wait(0.2):
+            self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(gpu).gpu)
+
+    def stop(self) -> tuple[float, float]:
+        self.done.set()
+        self.thread.join()
+        (total1, idle1), (total0, idle0) = self._cpu(), self.cpu0
+        cpu = 100.0 * (1 - (idle1 - idle0) / max(1, total1 - total0))
+        return cpu, (sum(self.samples) / len(self.samples) if self.samples else float("nan"))
+
+
 def versions() -> str:
     import fastapi
     import onnxruntime
@@ -83,11 +140,18 @@ def main() -> int:
     ap.add_argument("--models", type=Path, help="model repository (default: the bundled models)")
     ap.add_argument("--model", default="camvid_bisenetv2")
     ap.add_argument("--jpeg", action="store_true", help="upload the photo as JPEG (quality 95) instead of PNG")
-    ap.add_argument("--gpu", action="store_true", help="model replicas on one GPU each (SEGMENT_RAY_MODEL_GPUS=1)")
+    ap.add_argument("--gpu", action="store_true", help="model replicas on the GPU (SEGMENT_RAY_MODEL_GPUS)")
+    ap.add_argument("--model-gpus", type=float, default=1.0,
+                    help="with --gpu: GPUs per model replica (0.5: two replicas share one GPU)")
+    ap.add_argument("--servers", default="embedded,ray", help="which to run (default both)")
+    ap.add_argument("--haproxy", action="store_true",
+                    help="Ray Serve's HAProxy mode (RAY_SERVE_ENABLE_HA_PROXY=1) instead of its Python HTTP proxy")
     ap.add_argument("--embedded-workers", type=int, default=1)
     ap.add_argument("--ingress-replicas", type=int, default=1)
     ap.add_argument("--model-replicas", type=int, default=1)
-    ap.add_argument("--batch-max", type=int, default=1)
+    ap.add_argument("--batch-max", type=int, default=1, help="the Ray model replicas' batch")
+    ap.add_argument("--embedded-batch-max", type=int, default=1,
+                    help="the embedded server's (1: on CUDA, batching does not pay there, docs/gpu.md)")
     ap.add_argument("--batch-wait-ms", type=float, default=2.0)
     args = ap.parse_args()
 
@@ -101,17 +165,20 @@ def main() -> int:
     kind = ("photo.jpg", "image/jpeg") if args.jpeg else ("photo.png", "image/png")
     cores = os.cpu_count() or 1
     base = {**os.environ, "SEGMENT_ENGINES_DIR": str(engines), "SEGMENT_MODEL": args.model,
-            "SEGMENT_BATCH_MAX": str(args.batch_max), "SEGMENT_BATCH_WAIT_MS": str(args.batch_wait_ms),
+            "SEGMENT_BATCH_MAX": str(args.embedded_batch_max), "SEGMENT_BATCH_WAIT_MS": str(args.batch_wait_ms),
             "SEGMENT_LOG_LEVEL": "warning", "XDG_CACHE_HOME": str(tmp / "cache")}
     # Ray: everything on loopback, its files in the temp folder, no token file in ~/.ray.
     ingress_cpus = 1.0 if args.gpu else 0.0  # on CPU the model replicas get every core, as the embedded server has
-    ray_env = {**base, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "disabled",
+    ray_env = {**base, "SEGMENT_BATCH_MAX": str(args.batch_max), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "disabled",
                "RAY_USAGE_STATS_ENABLED": "0",
                "SEGMENT_RAY_INGRESS_REPLICAS": str(args.ingress_replicas), "SEGMENT_RAY_INGRESS_CPUS": str(ingress_cpus),
                "SEGMENT_RAY_MIN_REPLICAS": str(args.model_replicas), "SEGMENT_RAY_MAX_REPLICAS": str(args.model_replicas),
-               "SEGMENT_RAY_MODEL_GPUS": "1" if args.gpu else "0",
+               "SEGMENT_RAY_MODEL_GPUS": str(args.model_gpus) if args.gpu else "0",
                "SEGMENT_RAY_MODEL_CPUS": str(max(1, (cores - args.ingress_replicas * ingress_cpus) // args.model_replicas))}
+    if args.haproxy:
+        ray_env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     servers = {"embedded": (["--workers", str(args.embedded_workers)], base), "ray": (["--ray"], ray_env)}
+    servers = {name: servers[name] for name in args.servers.split(",")}
     procs, urls, ready = {}, {}, {}
     try:
         for name, (extra, env) in servers.items():
@@ -120,9 +187,10 @@ def main() -> int:
             log = tmp / f"{name}.log"
             procs[name] = start(["--host", "127.0.0.1", "--port", str(port), *extra], env, log)
             ready[name] = wait_ready(urls[name], procs[name], log)
-        print(f"machine: {cpu_name()}, {cores} cores; {versions()}; model {args.model}; "
-              f"photo {len(photo) // 1024} KiB {kind[1]}; start to ready: embedded {ready['embedded']:.1f} s, "
-              f"ray {ready['ray']:.1f} s")
+        print(f"machine: {cpu_name()}, {cores} cores{gpu_name()}; {versions()}; model {args.model}; "
+              f"photo {len(photo) // 1024} KiB {kind[1]}; start to ready: "
+              + ", ".join(f"{name} {t:.1f} s" for name, t in ready.items())
+              + (f"; HAProxy processes: {running('haproxy')}" if args.haproxy else ""), flush=True)
         for url in urls.values():  # warm both (first requests load caches)
             for _ in range(3):
                 httpx.post(f"{url}/segment", files={"image": (*kind[:1], photo, kind[1])}, timeout=120)
@@ -130,25 +198,26 @@ def main() -> int:
         for _ in range(args.rounds):
             for clients in map(int, args.clients.split(",")):
                 for name, url in urls.items():
-                    load0 = os.getloadavg()[0]
+                    load0, busy = os.getloadavg()[0], Busy()
                     r = post_load(url, photo, kind[0], kind[1], clients, args.seconds, processes=min(clients, 4))
-                    r["load"] = load0
+                    r["load"], (r["cpu"], r["gpu"]) = load0, busy.stop()
                     results.setdefault((clients, name), []).append(r)
         print(f"\n{'clients':>7} {'server':>9} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'n':>5} {'errors':>6} "
-              f"{'load1':>5}  stages (ms, server-side means)")
+              f"{'load1':>5} {'cpu%':>5} {'gpu%':>5}  stages (ms, server-side means)")
         summary = {}
         for (clients, name), runs in sorted(results.items()):
             best = max(runs, key=lambda r: r["img_s"])  # rounds differ by the machine's other load: keep the best
             summary[(clients, name)] = best
             stages = ", ".join(f"{k} {v:.1f}" for k, v in best["stages"].items())
             print(f"{clients:>7} {name:>9} {best['img_s']:>7.2f} {best['p50']:>8.1f} {best['p99']:>8.1f} "
-                  f"{best['n']:>5} {len(best['errors']):>6} {best['load']:>5.1f}  {stages}")
+                  f"{best['n']:>5} {len(best['errors']):>6} {best['load']:>5.1f} {best['cpu']:>5.0f} {best['gpu']:>5.0f}  "
+                  f"{stages}", flush=True)
         print()
-        for clients in map(int, args.clients.split(",")):
+        for clients in map(int, args.clients.split(",") if len(servers) == 2 else []):
             ray_r, emb = summary[(clients, "ray")], summary[(clients, "embedded")]
             extra = ray_r["p50"] - emb["p50"]
             hop = ray_r["stages"].get("inference", 0) - emb["stages"].get("inference", 0)
-            inside = sum(ray_r["stages"].values()) - sum(emb["stages"].values())
+            inside = sum(v for k, v in ray_r["stages"].items() if k != BATCH) - sum(emb["stages"].values())
             print(f"{clients} client(s): Ray/embedded throughput {ray_r['img_s'] / emb['img_s']:.2f}x, p50 latency "
                   f"{ray_r['p50'] / emb['p50']:.2f}x (+{extra:.1f} ms): the model call through the handle "
                   f"+{hop:.1f} ms, the proxy hop and the rest +{extra - inside:.1f} ms")
@@ -157,6 +226,8 @@ def main() -> int:
     except Exception:
         for name in procs:
             print(f"--- {name} server log (tail) ---\n{(tmp / f'{name}.log').read_text()[-3000:]}", file=sys.stderr)
+        for replica_log in sorted(tmp.glob("**/logs/serve/replica_*.log")):
+            print(f"--- {replica_log.name} (tail) ---\n{replica_log.read_text()[-1500:]}", file=sys.stderr)
         raise
     finally:
         for proc in procs.values():
