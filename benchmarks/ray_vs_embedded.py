@@ -81,6 +81,37 @@ def running(name: str) -> int:
     return count
 
 
+# Which part of Ray a process is, from its command line (Ray names its workers "ray::<actor>").
+RAY_ROLES = (("SegmentIngress", "ingress replicas"), ("SegmentModel", "model replicas"),
+             ("ProxyActor", "Serve proxy"), ("haproxy", "HAProxy"))
+
+
+def cpu_by_process(sessions: dict[int, str]) -> dict[int, tuple[str, float]]:
+    """Every process's role and CPU seconds so far (user + system). ``sessions``: the session id of each server
+    (each starts in a session of its own, which its children share) and of this script (the load generator)."""
+    tick, found = os.sysconf("SC_CLK_TCK"), {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        owner = sessions.get(int(fields[3]), "ray" if "ray" in cmd else "other")  # field 6 of stat: the session
+        role = {"embedded": "embedded server", "bench": "load generator"}.get(owner, owner)
+        if owner == "ray":
+            role = next((name for key, name in RAY_ROLES if key in cmd), "Ray's own processes")
+        found[int(proc.name)] = (role, (int(fields[11]) + int(fields[12])) / tick)
+    return found
+
+
+def cpu_ms_per_image(before: dict, after: dict, images: int) -> dict[str, float]:
+    """CPU milliseconds per image each role spent between two ``cpu_by_process`` snapshots."""
+    spent: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        spent[role] = spent.get(role, 0.0) + seconds - before.get(pid, (role, 0.0))[1]
+    return {role: 1000 * s / max(1, images) for role, s in sorted(spent.items(), key=lambda kv: -kv[1]) if s > 0.05}
+
+
 def gpu_name() -> str:
     try:
         import pynvml
@@ -195,12 +226,15 @@ def main() -> int:
             for _ in range(3):
                 httpx.post(f"{url}/segment", files={"image": (*kind[:1], photo, kind[1])}, timeout=120)
         results: dict = {}
+        sessions = {procs[name].pid: name for name in procs} | {os.getsid(0): "bench"}
         for _ in range(args.rounds):
             for clients in map(int, args.clients.split(",")):
                 for name, url in urls.items():
-                    load0, busy = os.getloadavg()[0], Busy()
+                    load0, busy, cpu0 = os.getloadavg()[0], Busy(), cpu_by_process(sessions)
                     r = post_load(url, photo, kind[0], kind[1], clients, args.seconds, processes=min(clients, 4))
                     r["load"], (r["cpu"], r["gpu"]) = load0, busy.stop()
+                    # over the whole call (start-up of the clients included), per image finished in the window
+                    r["cpu_ms"] = cpu_ms_per_image(cpu0, cpu_by_process(sessions), r["n"])
                     results.setdefault((clients, name), []).append(r)
         print(f"\n{'clients':>7} {'server':>9} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'n':>5} {'errors':>6} "
               f"{'load1':>5} {'cpu%':>5} {'gpu%':>5}  stages (ms, server-side means)")
@@ -212,6 +246,10 @@ def main() -> int:
             print(f"{clients:>7} {name:>9} {best['img_s']:>7.2f} {best['p50']:>8.1f} {best['p99']:>8.1f} "
                   f"{best['n']:>5} {len(best['errors']):>6} {best['load']:>5.1f} {best['cpu']:>5.0f} {best['gpu']:>5.0f}  "
                   f"{stages}", flush=True)
+        print("\nCPU ms per image, by process (the whole machine, over each best run):")
+        for (clients, name), best in sorted(summary.items()):
+            print(f"{clients:>7} {name:>9}  total {sum(best['cpu_ms'].values()):.1f}: "
+                  + ", ".join(f"{role} {ms:.1f}" for role, ms in best["cpu_ms"].items()))
         print()
         for clients in map(int, args.clients.split(",") if len(servers) == 2 else []):
             ray_r, emb = summary[(clients, "ray")], summary[(clients, "embedded")]
