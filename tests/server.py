@@ -58,8 +58,10 @@ class Server:
             else:
                 seen.pop(int(r.headers.get("x-worker", 0)), None)  # that worker has not caught up yet
                 time.sleep(0.02)
-        raise AssertionError(f"only workers {sorted(seen)} of {workers} answered as expected; last: "
-                             f"{r.status_code} {r.headers} {r.text[:300]}")
+        body = r.text[:300] if "json" in r.headers.get("content-type", "") else r.headers.get("content-type")
+        raise AssertionError(f"only workers {sorted(seen)} of {workers} answered as expected; last: {r.status_code} "
+                             f"from worker {r.headers.get('x-worker')} (model {r.headers.get('x-model')}): {body}\n"
+                             f"--- server log (tail) ---\n{self.log.read_text(errors='replace')[-3000:]}")
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
