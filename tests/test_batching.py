@@ -55,6 +55,19 @@ def test_what_queued_while_a_batch_ran_joins_the_next_even_with_no_wait():
     assert calls == [1, 4]
 
 
+def test_a_failing_metric_costs_no_answer_and_a_closed_batcher_refuses_work():
+    def fail(size):
+        raise ValueError("metrics backend down")
+
+    b = Batcher(lambda x: x + 1, max_batch=4, max_wait_ms=0, on_batch=fail)
+    assert int(b.submit(np.full((1, 2), 1, np.int64))[0, 0]) == 2
+    assert int(b.submit(np.full((1, 2), 2, np.int64))[0, 0]) == 3  # the thread survived the metric's failure
+    b.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        b.submit(np.zeros((1, 2), np.int64))  # at once, not a wait for a thread that is gone
+    b.close()  # twice is harmless
+
+
 def test_fixed_batch_runs_one_shape_and_rows_right():
     shapes = []
 

@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import os
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,7 +45,11 @@ class LoadedModel(ServedModel):
     """A model in a replica's multiplexed cache; Serve calls ``__del__`` when it evicts it, and the runner closes
     once the batches still using it are done."""
 
+    on_evict = None  # told when Serve evicts it
+
     def __del__(self):
+        if self.on_evict is not None:
+            self.on_evict()
         self.retire()
 
 
@@ -71,7 +74,7 @@ class SegmentModel:
         self.pool = ThreadPoolExecutor(max_ongoing(s), thread_name_prefix="segment-model")
         self.batch_size = metrics.Histogram("segment_model_batch_size", "Images per runner call in a model replica",
                                             boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("model",))
-        self.open_models: weakref.WeakValueDictionary[str, LoadedModel] = weakref.WeakValueDictionary()
+        self.cached: set[str] = set()  # the names in Serve's multiplexed cache
         # Serve routes a model's requests to the replicas that hold it, so one without it would sit idle: every
         # replica loads the models the control store wants (the default first) before it takes requests, and
         # follows the store's changes. A failure is logged here and said by ``describe`` (then in /readyz).
@@ -107,7 +110,8 @@ class SegmentModel:
         observe = functools.partial(self.batch_size.observe, tags={"model": name})
         # On ONNX Runtime's CUDA provider this also warms the one batch shape every call is padded to.
         loaded = LoadedModel.serve(model, s.batch_max, s.batch_wait_ms, on_batch=observe)
-        self.open_models[name] = loaded
+        loaded.on_evict = functools.partial(self.cached.discard, name)
+        self.cached.add(name)
         return loaded
 
     @serve.multiplexed(max_num_models_per_replica=int(os.environ.get("SEGMENT_RAY_MODELS_PER_REPLICA", "3")))
@@ -116,7 +120,7 @@ class SegmentModel:
 
     async def _model(self) -> LoadedModel:
         name = serve.get_multiplexed_model_id()
-        if name not in self.open_models:
+        if name not in self.cached:
             # An unknown name fails here, before the cache evicts anything for it; off the event loop, since an
             # object store's listing may be read on the way
             await asyncio.get_running_loop().run_in_executor(None, self.repository.path, name)
@@ -135,23 +139,29 @@ class SegmentModel:
     async def infer(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
         """Labels [1,H,W] for one RGB uint8 [1,H,W,3] image, run in a batch with others for the same model; with
         the replica and node that ran it and the batch's size."""
-        model = await self._model()
-        model.acquire()
+        model = (await self._model()).acquire()
         try:
-            labels, size = await asyncio.get_running_loop().run_in_executor(self.pool, self._run, model, image)
-        finally:
+            work = asyncio.get_running_loop().run_in_executor(self.pool, self._run, model, image)
+        except BaseException:
             model.release()
+            raise
+        labels, size = await work
         return labels, {**self.served_by, "batch": size}
 
     @staticmethod
     def _run(model: LoadedModel, rgb: np.ndarray) -> tuple[np.ndarray, int]:
         """The model's own input from the RGB uint8 image the ingress sent (normalised NCHW for a float model,
-        in this request's thread), then its batch: the labels and the batch's size."""
-        x = rgb if model.uint8_input else preprocess(cv2.cvtColor(rgb[0], cv2.COLOR_RGB2BGR), model, rgb.shape[1:3])
-        last_batch()  # forget one this pool thread ran for an earlier request
-        labels = model.infer(x)
-        batch = last_batch()
-        return labels, batch.size if batch is not None else 1
+        in this request's thread), then its batch: the labels and the batch's size. Releases ``model`` here, not
+        on the event loop: a request cancelled meanwhile must not let an evicted model close under this run."""
+        try:
+            x = rgb if model.uint8_input else preprocess(cv2.cvtColor(rgb[0], cv2.COLOR_RGB2BGR), model,
+                                                         rgb.shape[1:3])
+            last_batch()  # forget one this pool thread ran for an earlier request
+            labels = model.infer(x)
+            batch = last_batch()
+            return labels, batch.size if batch is not None else 1
+        finally:
+            model.release()
 
 
 def max_ongoing(settings: Settings) -> int:

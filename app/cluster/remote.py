@@ -162,8 +162,9 @@ class ServedByMiddleware:
                             (b"x-ingress-node", self.ingress["node"].encode())]
                 if record:
                     headers += [(b"x-model-replica", record["replica"].encode()),
-                                (b"x-model-node", record["node"].encode()),
-                                (b"x-model-batch", str(record["batch"]).encode())]
+                                (b"x-model-node", record["node"].encode())]
+                if "batch" in record:  # a model replica of an older release (a rolling update) does not say
+                    headers.append((b"x-model-batch", str(record["batch"]).encode()))
                 message = {**message, "headers": headers}
             await send(message)
 

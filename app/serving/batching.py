@@ -44,13 +44,18 @@ class Batcher:
         self.on_batch, self.fixed_batch = on_batch, fixed_batch
         self.batches = self.images = self.largest = 0
         self._queue: queue.Queue = queue.Queue()
+        self._closed, self._close_lock = False, threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
 
     def submit(self, x: np.ndarray) -> np.ndarray:
-        """Run ``x`` (batch 1) as part of the next batch; returns its own output row."""
+        """Run ``x`` (batch 1) as part of the next batch; returns its own output row. RuntimeError once closed (a
+        late caller fails instead of waiting for a thread that is gone)."""
         future: Future = Future()
-        self._queue.put((x, future))
+        with self._close_lock:
+            if self._closed:
+                raise RuntimeError("the model was closed")
+            self._queue.put((x, future))
         out = future.result()
         _last.run = future.batch_run
         return out
@@ -61,7 +66,11 @@ class Batcher:
                 "mean_batch": self.images / self.batches if self.batches else 0.0}
 
     def close(self) -> None:
-        self._queue.put(None)
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)  # after everything already submitted: those still run
         self._thread.join(timeout=10)
 
     def _gather(self, first) -> tuple[list, bool]:
@@ -95,17 +104,17 @@ class Batcher:
                 item[1].set_exception(RuntimeError("the model was closed"))
 
     def _run(self, group: list) -> None:
-        x = np.concatenate([x for x, _ in group]) if len(group) > 1 else group[0][0]
-        if self.fixed_batch and len(group) < self.max_batch:
-            # ONNX Runtime's CUDA provider spends seconds whenever the input shape changes, even back to one it
-            # has run (H100, onnxruntime-gpu 1.31, cuDNN 9.14: 2.1-2.8 s with its defaults, 3.9-12 s with NHWC and
-            # fused bias, heuristic algorithm search included), so on CUDA every call has the one shape warmed at
-            # start-up: max_batch rows, the missing ones repeating the last image.
-            x = pad_batch(x, self.max_batch)
-        start_ns = time.perf_counter_ns()
         try:
+            x = np.concatenate([x for x, _ in group]) if len(group) > 1 else group[0][0]
+            if self.fixed_batch and len(group) < self.max_batch:
+                # ONNX Runtime's CUDA provider spends seconds whenever the input shape changes, even back to one
+                # it has run (H100, onnxruntime-gpu 1.31, cuDNN 9.14: 2.1-2.8 s with its defaults, 3.9-12 s with
+                # NHWC and fused bias, heuristic algorithm search included), so on CUDA every call has the one
+                # shape warmed at start-up: max_batch rows, the missing ones repeating the last image.
+                x = pad_batch(x, self.max_batch)
+            start_ns = time.perf_counter_ns()
             out = self.infer(x)
-        except Exception as exc:  # every caller of the batch learns of the failure
+        except Exception as exc:  # every caller of the batch learns of the failure; the thread goes on
             for _, fut in group:
                 fut.set_exception(exc)
             return
@@ -114,7 +123,10 @@ class Batcher:
         self.images += len(group)
         self.largest = max(self.largest, len(group))
         if self.on_batch:
-            self.on_batch(len(group))
+            try:
+                self.on_batch(len(group))
+            except Exception:  # a metric's failure must not cost the answers
+                log.exception("on_batch failed")
         run = BatchRun(start_ns, len(group))
         for i, (_, fut) in enumerate(group):
             fut.batch_run = run

@@ -30,9 +30,9 @@ class ServedModel:
         batcher = None
         if batch_max > 1 and model.batch_dynamic:
             costly = model.runtime.shape_change_is_costly
+            if costly and not model.dynamic_hw:  # the one batch shape's first run (cuDNN's search) now, before a
+                model.infer(np.zeros(model.input_shape(batch_max, *model.input_hw), model.input_dtype))  # thread
             batcher = Batcher(model.infer, batch_max, batch_wait_ms, on_batch, fixed_batch=costly)
-            if costly and not model.dynamic_hw:  # the one batch shape's first run (cuDNN's search) now
-                model.infer(np.zeros(model.input_shape(batch_max, *model.input_hw), model.input_dtype))
         served = cls(model, batcher)
         if gpu_decode_on and served.decodes_on_gpu:
             gpu_decode.warm(*model.input_hw)
