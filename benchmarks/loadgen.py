@@ -10,9 +10,6 @@ from urllib.parse import urlsplit
 import httpx
 
 
-BATCH = "model batch"  # in a result's stages: the mean size of the batch each request ran in (Ray mode), not ms
-
-
 def run_clients(worker: Callable[[], None], clients: int) -> float:
     """Run ``worker`` in ``clients`` threads at once; the wall time in seconds until all have finished."""
     threads = [threading.Thread(target=worker) for _ in range(clients)]
@@ -30,7 +27,7 @@ def _client_process(url: str, body: bytes, headers: dict, threads: int, start_at
     each or a new one per request; (latencies, errors, summed server stage times) of the requests finished in
     that window go to ``out``."""
     host, port = urlsplit(url).hostname, urlsplit(url).port
-    lock, latencies, errors, stages = threading.Lock(), [], [], {}
+    lock, latencies, errors, stages, batches = threading.Lock(), [], [], {}, []
 
     def worker():
         conn = http.client.HTTPConnection(host, port, timeout=120)
@@ -60,11 +57,11 @@ def _client_process(url: str, body: bytes, headers: dict, threads: int, start_at
                         stage, _, dur = part.strip().partition(";dur=")
                         stages[stage] = stages.get(stage, 0.0) + float(dur)
                     if batch:
-                        stages[BATCH] = stages.get(BATCH, 0.0) + int(batch)
+                        batches.append(int(batch))
         conn.close()
 
     run_clients(worker, threads)
-    out.put((latencies, errors, stages))
+    out.put((latencies, errors, stages, batches))
 
 
 def post_load(url: str, data: bytes, filename: str, content_type: str, clients: int, seconds: float,
@@ -74,7 +71,7 @@ def post_load(url: str, data: bytes, filename: str, content_type: str, clients: 
     (by httpx) and re-sent, over kept-alive connections or (``keep_alive=False``) a new connection per request,
     which lets a multi-worker server hand each request to whichever worker accepts first. Returns images/s, p50/p99 ms, count, error codes and the
     mean of each server stage (from the responses' Server-Timing headers, so every worker process counts), and
-    in Ray mode the mean batch a request ran in (``BATCH``)."""
+    in Ray mode the mean batch a request ran in (``batch``, None otherwise)."""
     request = httpx.Request("POST", f"{url}/segment", files={"image": (filename, data, content_type)})
     body, headers = request.read(), {k: v for k, v in request.headers.items() if k.lower() != "host"}
     processes = max(1, min(processes, clients))
@@ -90,14 +87,16 @@ def post_load(url: str, data: bytes, filename: str, content_type: str, clients: 
     results = [out.get() for _ in procs]
     for p in procs:
         p.join()
-    latencies = sorted(ms for lat, _, _ in results for ms in lat)
-    errors = [e for _, err, _ in results for e in err]
+    latencies = sorted(ms for lat, *_ in results for ms in lat)
+    errors = [e for _, err, *_ in results for e in err]
+    batches = [b for *_, sizes in results for b in sizes]
     if not latencies:  # every request failed (e.g. the server died): say so instead of crashing
-        return {"img_s": 0.0, "p50": float("nan"), "p99": float("nan"), "n": 0, "errors": errors, "stages": {}}
+        return {"img_s": 0.0, "p50": float("nan"), "p99": float("nan"), "n": 0, "errors": errors, "stages": {},
+                "batch": None}
     stages = {}
-    for _, _, sums in results:
+    for _, _, sums, _ in results:
         for stage, total in sums.items():
             stages[stage] = stages.get(stage, 0.0) + total / len(latencies)
     return {"img_s": len(latencies) / seconds, "p50": latencies[len(latencies) // 2],
             "p99": latencies[max(0, int(len(latencies) * 0.99) - 1)], "n": len(latencies), "errors": errors,
-            "stages": stages}
+            "stages": stages, "batch": sum(batches) / len(batches) if batches else None}

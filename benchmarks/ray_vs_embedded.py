@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.core.resources import sample_image, seed_repository  # noqa: E402
 from app.engines.host import cpu_name  # noqa: E402
-from benchmarks.loadgen import BATCH, post_load  # noqa: E402
+from benchmarks.loadgen import post_load  # noqa: E402
 from tests.server import free_port  # noqa: E402
 
 
@@ -68,17 +68,6 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-
-def running(name: str) -> int:
-    """How many processes called ``name`` run on this machine."""
-    count = 0
-    for comm in Path("/proc").glob("[0-9]*/comm"):
-        try:
-            count += comm.read_text().strip() == name
-        except OSError:  # ended meanwhile
-            pass
-    return count
 
 
 # Which part of Ray a process is, from its command line (Ray names its workers "ray::<actor>").
@@ -200,8 +189,8 @@ def main() -> int:
             "SEGMENT_LOG_LEVEL": "warning", "XDG_CACHE_HOME": str(tmp / "cache")}
     # Ray: everything on loopback, its files in the temp folder, no token file in ~/.ray.
     ingress_cpus = 1.0 if args.gpu else 0.0  # on CPU the model replicas get every core, as the embedded server has
-    ray_env = {**base, "SEGMENT_BATCH_MAX": str(args.batch_max), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "disabled",
-               "RAY_USAGE_STATS_ENABLED": "0",
+    ray_env = {**base, "SEGMENT_BATCH_MAX": str(args.batch_max), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+               "RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                "SEGMENT_RAY_INGRESS_REPLICAS": str(args.ingress_replicas), "SEGMENT_RAY_INGRESS_CPUS": str(ingress_cpus),
                "SEGMENT_RAY_MIN_REPLICAS": str(args.model_replicas), "SEGMENT_RAY_MAX_REPLICAS": str(args.model_replicas),
                "SEGMENT_RAY_MODEL_GPUS": str(args.model_gpus) if args.gpu else "0",
@@ -218,15 +207,16 @@ def main() -> int:
             log = tmp / f"{name}.log"
             procs[name] = start(["--host", "127.0.0.1", "--port", str(port), *extra], env, log)
             ready[name] = wait_ready(urls[name], procs[name], log)
+        sessions = {procs[name].pid: name for name in procs} | {os.getsid(0): "bench"}
+        roles = [role for role, _ in cpu_by_process(sessions).values()]
         print(f"machine: {cpu_name()}, {cores} cores{gpu_name()}; {versions()}; model {args.model}; "
               f"photo {len(photo) // 1024} KiB {kind[1]}; start to ready: "
               + ", ".join(f"{name} {t:.1f} s" for name, t in ready.items())
-              + (f"; HAProxy processes: {running('haproxy')}" if args.haproxy else ""), flush=True)
+              + (f"; HAProxy processes: {roles.count('HAProxy')}" if args.haproxy else ""), flush=True)
         for url in urls.values():  # warm both (first requests load caches)
             for _ in range(3):
                 httpx.post(f"{url}/segment", files={"image": (*kind[:1], photo, kind[1])}, timeout=120)
         results: dict = {}
-        sessions = {procs[name].pid: name for name in procs} | {os.getsid(0): "bench"}
         for _ in range(args.rounds):
             for clients in map(int, args.clients.split(",")):
                 for name, url in urls.items():
@@ -243,6 +233,8 @@ def main() -> int:
             best = max(runs, key=lambda r: r["img_s"])  # rounds differ by the machine's other load: keep the best
             summary[(clients, name)] = best
             stages = ", ".join(f"{k} {v:.1f}" for k, v in best["stages"].items())
+            if best["batch"] is not None:
+                stages += f"; model batch {best['batch']:.1f} images"
             print(f"{clients:>7} {name:>9} {best['img_s']:>7.2f} {best['p50']:>8.1f} {best['p99']:>8.1f} "
                   f"{best['n']:>5} {len(best['errors']):>6} {best['load']:>5.1f} {best['cpu']:>5.0f} {best['gpu']:>5.0f}  "
                   f"{stages}", flush=True)
@@ -255,7 +247,7 @@ def main() -> int:
             ray_r, emb = summary[(clients, "ray")], summary[(clients, "embedded")]
             extra = ray_r["p50"] - emb["p50"]
             hop = ray_r["stages"].get("inference", 0) - emb["stages"].get("inference", 0)
-            inside = sum(v for k, v in ray_r["stages"].items() if k != BATCH) - sum(emb["stages"].values())
+            inside = sum(ray_r["stages"].values()) - sum(emb["stages"].values())
             print(f"{clients} client(s): Ray/embedded throughput {ray_r['img_s'] / emb['img_s']:.2f}x, p50 latency "
                   f"{ray_r['p50'] / emb['p50']:.2f}x (+{extra:.1f} ms): the model call through the handle "
                   f"+{hop:.1f} ms, the proxy hop and the rest +{extra - inside:.1f} ms")

@@ -211,8 +211,8 @@ def test_requests_land_on_both_nodes(cluster):
 
 
 def test_requests_that_arrive_while_a_batch_runs_share_the_next(cluster):
-    """One model replica, batches of up to 4 and no wait at all: what arrives while the model runs (about 17 ms an
-    image) goes into the next batch, so some responses say they ran with others, and each answer is its own."""
+    """One model replica, batches of up to 4 and no wait at all: what arrives while the model runs (about 50 ms an
+    image on one CI core) goes into the next batch, so some responses say they ran with others, and each answer is its own."""
     engines = cluster.tmp / "slow_engines"
     slow_rgb_model(engines / "slow.onnx")
     cluster.deploy("batched", "/batched", engines_dir=engines, model="slow", ray_min_replicas=1, ray_max_replicas=1,

@@ -31,7 +31,7 @@ from ..core.errors import ServiceError
 from ..engines import OrtOptions, load_model
 from ..main import create_app
 from ..repository import ControlStore, open_repository
-from ..serving.batching import last_batch
+from ..serving.batching import infer_with_batch
 from ..serving.pipeline import preprocess
 from ..serving.served import ServedModel
 from ..serving.state import control_db_path
@@ -156,9 +156,7 @@ class SegmentModel:
         try:
             x = rgb if model.uint8_input else preprocess(cv2.cvtColor(rgb[0], cv2.COLOR_RGB2BGR), model,
                                                          rgb.shape[1:3])
-            last_batch()  # forget one this pool thread ran for an earlier request
-            labels = model.infer(x)
-            batch = last_batch()
+            labels, batch = infer_with_batch(model.infer, x)
             return labels, batch.size if batch is not None else 1
         finally:
             model.release()

@@ -35,6 +35,13 @@ def last_batch() -> BatchRun | None:
     return run
 
 
+def infer_with_batch(infer: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> tuple[np.ndarray, BatchRun | None]:
+    """``infer(x)`` and the batch it ran in (None when no batcher ran it)."""
+    last_batch()  # forget one this thread ran earlier, for another caller
+    out = infer(x)
+    return out, last_batch()
+
+
 class Batcher:
     """A worker thread that owns the runner calls; ``submit`` blocks the calling thread until its result."""
 

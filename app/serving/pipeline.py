@@ -8,7 +8,7 @@ import numpy as np
 
 from ..engines import SegmentationModel
 from . import gpu_decode as gpu
-from .batching import last_batch
+from .batching import infer_with_batch
 from .imaging import check_header, colorize, decode_pixels, encode_indexed_png, encode_png, jpeg_complete, overlay
 
 VIEWS = ("mask", "overlay", "labels")
@@ -133,10 +133,9 @@ def segment_image(model: SegmentationModel, image: np.ndarray, max_side: int = 2
     height, width = image.shape[:2]
     tensor = preprocess(image, model, input_size(model, height, width, max_side))
     watch.lap("preprocess")
-    last_batch()  # forget a batch this thread ran earlier, outside this pipeline
-    labels = model.infer(tensor)[0]
+    labels, batch = infer_with_batch(model.infer, tensor)
+    labels = labels[0]
     watch.lap("inference")
-    batch = last_batch()
     if batch is not None:  # the batcher ran it: its wait for company is the queue stage of the trace
         _, start, end = watch.spans.pop()
         watch.spans += [("queue", start, epoch_ns(batch.started_ns)), ("inference", epoch_ns(batch.started_ns), end)]
