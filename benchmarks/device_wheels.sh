@@ -13,7 +13,8 @@ tmp=$(mktemp -d)
 pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform linux_x86_64 --platform any \
   -d "$tmp/w" onnxruntime-gpu nvidia-ml-py "fastapi>=0.133" "uvicorn>=0.30" "polygraphy>=0.49" "onnx>=1.16" \
-  python-multipart pydantic-settings prometheus-client tqdm httpx "av>=14,<20" websockets fsspec pytest $ray
+  python-multipart pydantic-settings prometheus-client tqdm httpx "av>=14,<20" websockets fsspec pytest \
+  "nvidia-nvimgcodec-cu13[nvjpeg]>=0.9" $ray
 rm -f "$tmp"/w/numpy-* "$tmp"/w/opencv* "$tmp"/w/torch-*  # the machine has these
 tar cf "$tmp/wheels.tar" -C "$tmp/w" .
 rm -rf "$top"/.devparts*

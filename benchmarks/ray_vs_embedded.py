@@ -13,6 +13,10 @@ hits both alike, ``clients`` concurrent clients upload the sample photo (2048x10
 mean batch in Ray mode, the Ray/embedded ratios, and where Ray's extra time goes from the responses'
 Server-Timing: the model call through the deployment handle (Ray's "inference" minus the embedded one) and the
 HTTP proxy hop plus the rest (the extra latency not inside the ingress's stages).
+
+``--gpu-decode`` decodes JPEGs of the model's size on the GPU in both servers (in Ray mode the ingress sends the
+JPEG's bytes and the model replica decodes a batch at once); before the load, each server's labels for the photo
+are compared with the first's. ``--profile DIR`` writes py-spy profiles of an ingress and a model replica.
 """
 
 import argparse
@@ -152,6 +156,65 @@ def versions() -> str:
     return f"ray {ray.__version__}, onnxruntime {onnxruntime.__version__}, fastapi {fastapi.__version__}"
 
 
+def profile(processes: dict, seconds: float, out: Path) -> list[subprocess.Popen]:
+    """py-spy recording the first ingress and model replica of ``processes`` (``cpu_by_process``) for ``seconds``
+    (raw collapsed stacks, native frames too, the process never paused), one file per role in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if spy is None:
+        print("no py-spy here (pip install py-spy): no profiles", flush=True)
+        return []
+    spies = []
+    for role in ("ingress replicas", "model replicas"):
+        pid = next((pid for pid, (r, _) in processes.items() if r == role), None)
+        if pid is None:
+            continue
+        name = role.split()[0]
+        spies.append(subprocess.Popen(
+            [spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds) - 1)), "--rate", "200",
+             "--format", "raw", "--nonblocking", "--threads", "--output", str(out / f"{name}.txt")],
+            stdout=subprocess.DEVNULL, stderr=open(out / f"{name}.log", "wb")))
+    return spies
+
+
+def print_profiles(out: Path, top: int = 10) -> None:
+    """Each profile's busiest frames: by samples in the frame itself, and by samples under each of the service's
+    own functions (``app/``)."""
+    for path in sorted(out.glob("*.txt")):
+        own, under, total = {}, {}, 0
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            frames = [f for f in stack.split(";")[1:]]  # the first is the thread
+            if not frames or not count.isdigit():
+                continue
+            total += int(count)
+            own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+            for frame in set(f for f in frames if "app/" in f):
+                under[frame] = under.get(frame, 0) + int(count)
+        print(f"\npy-spy, {path.stem} replica: {total} samples; most in the frame itself:")
+        for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"  {100 * n / total:5.1f}%  {frame}")
+        print("  under the service's own functions:")
+        for frame, n in sorted(under.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"  {100 * n / total:5.1f}%  {frame}")
+
+
+def agree(urls: dict, photo: bytes, kind: tuple) -> None:
+    """Print each server's stages for the photo and how many of its pixels' labels agree with the first server's:
+    both run one model, so the answers must match whatever path (CPU or GPU decode, batched or not) each took."""
+    answers = {}
+    for name, url in urls.items():
+        r = httpx.post(f"{url}/segment", params={"view": "labels"}, files={"image": (*kind[:1], photo, kind[1])},
+                       timeout=120)
+        r.raise_for_status()
+        answers[name] = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_UNCHANGED)
+        print(f"{name}: Server-Timing {r.headers.get('server-timing')}", flush=True)
+    first, *rest = answers
+    for name in rest:
+        print(f"labels of {name} equal to {first}'s on {(answers[name] == answers[first]).mean():.4%} of pixels",
+              flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", default="1,4")
@@ -173,6 +236,12 @@ def main() -> int:
     ap.add_argument("--embedded-batch-max", type=int, default=1,
                     help="the embedded server's (1: on CUDA, batching does not pay there, docs/gpu.md)")
     ap.add_argument("--batch-wait-ms", type=float, default=2.0)
+    ap.add_argument("--gpu-decode", action="store_true",
+                    help="SEGMENT_GPU_DECODE=1 for both servers: JPEGs of the model's size decoded on the GPU (in Ray "
+                         "mode by the model replica, in batches)")
+    ap.add_argument("--profile", type=Path,
+                    help="write py-spy profiles (raw collapsed stacks) of one ingress and one model replica during "
+                         "Ray's first load point into this folder")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="rvb"))
@@ -186,7 +255,8 @@ def main() -> int:
     cores = os.cpu_count() or 1
     base = {**os.environ, "SEGMENT_ENGINES_DIR": str(engines), "SEGMENT_MODEL": args.model,
             "SEGMENT_BATCH_MAX": str(args.embedded_batch_max), "SEGMENT_BATCH_WAIT_MS": str(args.batch_wait_ms),
-            "SEGMENT_LOG_LEVEL": "warning", "XDG_CACHE_HOME": str(tmp / "cache")}
+            "SEGMENT_LOG_LEVEL": "warning", "XDG_CACHE_HOME": str(tmp / "cache"),
+            "SEGMENT_GPU_DECODE": "1" if args.gpu_decode else "0"}
     # Ray: everything on loopback, its files in the temp folder, no token file in ~/.ray.
     ingress_cpus = 1.0 if args.gpu else 0.0  # on CPU the model replicas get every core, as the embedded server has
     ray_env = {**base, "SEGMENT_BATCH_MAX": str(args.batch_max), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -216,12 +286,19 @@ def main() -> int:
         for url in urls.values():  # warm both (first requests load caches)
             for _ in range(3):
                 httpx.post(f"{url}/segment", files={"image": (*kind[:1], photo, kind[1])}, timeout=120)
+        agree(urls, photo, kind)
         results: dict = {}
+        profiled = False
         for _ in range(args.rounds):
             for clients in map(int, args.clients.split(",")):
                 for name, url in urls.items():
                     load0, busy, cpu0 = os.getloadavg()[0], Busy(), cpu_by_process(sessions)
+                    spies = []
+                    if args.profile and name == "ray" and not results.get((clients, name)) and not profiled:
+                        spies, profiled = profile(cpu0, args.seconds, args.profile), True
                     r = post_load(url, photo, kind[0], kind[1], clients, args.seconds, processes=min(clients, 4))
+                    for spy in spies:
+                        spy.wait()
                     r["load"], (r["cpu"], r["gpu"]) = load0, busy.stop()
                     # over the whole call (start-up of the clients included), per image finished in the window
                     r["cpu_ms"] = cpu_ms_per_image(cpu0, cpu_by_process(sessions), r["n"])
@@ -251,6 +328,8 @@ def main() -> int:
             print(f"{clients} client(s): Ray/embedded throughput {ray_r['img_s'] / emb['img_s']:.2f}x, p50 latency "
                   f"{ray_r['p50'] / emb['p50']:.2f}x (+{extra:.1f} ms): the model call through the handle "
                   f"+{hop:.1f} ms, the proxy hop and the rest +{extra - inside:.1f} ms")
+        if args.profile:
+            print_profiles(args.profile)
         print("\nraw:", json.dumps({f"{c}:{n}": {k: v for k, v in r.items() if k != "errors"}
                                      for (c, n), r in summary.items()}))
     except Exception:

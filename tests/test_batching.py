@@ -21,7 +21,7 @@ def test_batcher_gathers_and_routes_rows_back():
         calls.append(x.shape[0])
         return x * 10
 
-    b = Batcher(infer, max_batch=8, max_wait_ms=50)
+    b = Batcher.of_arrays(infer, max_batch=8, max_wait_ms=50)
     inputs = [np.full((1, 2), i, np.int64) for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(b.submit, inputs))
@@ -41,7 +41,7 @@ def test_what_queued_while_a_batch_ran_joins_the_next_even_with_no_wait():
         release.wait(5)  # the first call holds the model until the others have queued
         return x * 10
 
-    b = Batcher(infer, max_batch=4, max_wait_ms=0)
+    b = Batcher.of_arrays(infer, max_batch=4, max_wait_ms=0)
     with ThreadPoolExecutor(5) as pool:
         first = pool.submit(b.submit, np.full((1, 2), 0, np.int64))
         assert first_running.wait(5)
@@ -59,7 +59,7 @@ def test_a_failing_metric_costs_no_answer_and_a_closed_batcher_refuses_work():
     def fail(size):
         raise ValueError("metrics backend down")
 
-    b = Batcher(lambda x: x + 1, max_batch=4, max_wait_ms=0, on_batch=fail)
+    b = Batcher.of_arrays(lambda x: x + 1, max_batch=4, max_wait_ms=0, on_batch=fail)
     assert int(b.submit(np.full((1, 2), 1, np.int64))[0, 0]) == 2
     assert int(b.submit(np.full((1, 2), 2, np.int64))[0, 0]) == 3  # the thread survived the metric's failure
     b.close()
@@ -75,7 +75,7 @@ def test_fixed_batch_runs_one_shape_and_rows_right():
         shapes.append(x.shape[0])
         return x + 1
 
-    b = Batcher(infer, max_batch=4, max_wait_ms=60, fixed_batch=True)
+    b = Batcher.of_arrays(infer, max_batch=4, max_wait_ms=60, fixed_batch=True)
     inputs = [np.full((1, 3), i, np.int64) for i in range(7)]
     with ThreadPoolExecutor(7) as pool:
         outs = list(pool.map(b.submit, inputs))
@@ -90,7 +90,7 @@ def test_batcher_groups_shapes_and_reports_errors():
             raise ValueError("bad shape")
         return x
 
-    b = Batcher(infer, max_batch=4, max_wait_ms=30)
+    b = Batcher.of_arrays(infer, max_batch=4, max_wait_ms=30)
     with ThreadPoolExecutor(4) as pool:
         good = [pool.submit(b.submit, np.zeros((1, 2))) for _ in range(2)]
         bad = [pool.submit(b.submit, np.zeros((1, 3))) for _ in range(2)]
@@ -143,3 +143,61 @@ def test_service_with_batching_answers_every_request_correctly(engines):
 
 def test_batching_off_by_default(client):
     assert client.get("/models/active").json()["batching"] is None
+
+
+def test_gpu_decoded_jpegs_batch_in_the_warmed_shape_and_declined_ones_fall_back(engines, monkeypatch):
+    """With GPU decoding and batching on (ONNX Runtime on CUDA), concurrent JPEGs are decoded as one batch and
+    run as one batch of ``batch_max`` rows; one the decoder declines, or that decodes to another size, comes back
+    None (its caller decodes it on the CPU) without costing the others their answers.
+
+    No GPU here: nvImageCodec is stood in for by OpenCV (RGB, as it returns), the model's run on GPU memory by its
+    CPU run, and the CUDA provider's costly shape change is claimed."""
+    import cv2
+    from onnx import TensorProto
+
+    from app.engines.model import SegmentationModel
+    from app.engines.onnxrt import OnnxRuntime
+    from app.serving import gpu_decode
+    from app.serving.pipeline import preprocess
+
+    model = load_model(rgb_model(engines / "rgb.onnx", label_dtype=TensorProto.UINT8))
+    photo, truth = quadrants(64, 64)
+    cases = [(np.ascontiguousarray(np.rot90(photo, k)), np.rot90(truth, k)) for k in range(4)]
+    jpegs = [cv2.imencode(".png", p)[1].tobytes() for p, _ in cases]  # lossless, so answers are exact
+    declined = {jpegs[1]}
+    odd = cv2.imencode(".png", cv2.resize(photo, (96, 64)))[1].tobytes()  # "EXIF-rotated": not the model's size
+    decodes, runs = [], []
+
+    def fake_decode(datas):
+        decodes.append(len(datas))
+        return [None if d in declined else cv2.cvtColor(cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR),
+                                                         cv2.COLOR_BGR2RGB) for d in datas]
+
+    def fake_infer_on_gpu(images, rows=1):
+        runs.append((len(images), rows))
+        return np.concatenate([model.infer(preprocess(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), model, (64, 64)))
+                               for rgb in images])
+
+    monkeypatch.setattr(gpu_decode, "available", lambda: True)
+    monkeypatch.setattr(gpu_decode, "warm", lambda h, w: None)
+    monkeypatch.setattr(gpu_decode, "decode", fake_decode)
+    monkeypatch.setattr(SegmentationModel, "accepts_gpu_images", property(lambda self: True))
+    monkeypatch.setattr(OnnxRuntime, "shape_change_is_costly", property(lambda self: True))
+    monkeypatch.setattr(model, "infer_on_gpu", fake_infer_on_gpu, raising=False)
+    served = ServedModel.serve(model, batch_max=4, batch_wait_ms=40, gpu_decode_on=True)
+    try:
+        assert served.jpeg_batcher is not None
+        work = [(jpegs[i % 4], cases[i % 4][1]) for i in range(12)] + [(odd, None)] * 2
+        with ThreadPoolExecutor(7) as pool:
+            answers = list(pool.map(lambda item: served.infer_jpeg(item[0]), work))
+        for (data, labels), answer in zip(work, answers):
+            if data in declined or data == odd:
+                assert answer is None
+            else:
+                assert answer.shape == (1, 64, 64) and np.array_equal(answer[0], labels)
+        stats = served.describe()["gpu_decode_batching"]
+        assert stats["images"] == 14 and stats["largest_batch"] > 1 and sum(decodes) == 14
+        assert runs and all(rows == 4 for _, rows in runs)  # every run in the one warmed batch shape
+        assert sum(n for n, _ in runs) == 9  # the 3 declined and 2 odd-sized were never run
+    finally:
+        served.close()

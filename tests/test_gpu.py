@@ -136,21 +136,31 @@ def test_batching_on_cuda_runs_one_shape_and_answers_each_request(engines):
 
 
 @pytest.mark.skipif(not gpu_decode.available(), reason="nvImageCodec is not installed (the gpu extra)")
-def test_jpegs_decoded_on_the_gpu_give_the_cpu_answer(engines):
+@pytest.mark.parametrize("batch_max", [1, 4])
+def test_jpegs_decoded_on_the_gpu_give_the_cpu_answer(engines, batch_max):
+    """One at a time, and (batch_max 4) decoded as one batch and copied into the one warmed batch shape."""
     photo, truth = quadrants(64, 64)
     raw_rgb_model(engines / "raw.onnx")
     jpeg = cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
-    with make_client(engines, "raw", gpu_decode=True) as c:
+    with make_client(engines, "raw", gpu_decode=True, batch_max=batch_max, batch_wait_ms=20) as c:
         assert c.app.state.service.model.decodes_on_gpu
 
         def post(data, **params):
             return c.post("/segment", params={"view": "labels", **params}, files={"image": ("p.jpg", data, "image/jpeg")})
 
+        # four different photos, so that a row given to the wrong request shows
+        cases = [(cv2.imencode(".jpg", np.ascontiguousarray(np.rot90(photo, k)), [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+                  .tobytes(), np.rot90(truth, k)) for k in range(4)]
         with ThreadPoolExecutor(8) as pool:  # requests at once share the process's decoders
-            results = list(pool.map(lambda _: post(jpeg), range(40)))
-        for r in results:
+            results = list(pool.map(lambda i: post(cases[i % 4][0]), range(40)))
+        for i, r in enumerate(results):
             assert r.status_code == 200 and "preprocess" not in r.headers["Server-Timing"]
-            assert np.array_equal(decode_png(r.content), truth)
+            assert np.array_equal(decode_png(r.content), cases[i % 4][1])
+        batching = c.get("/models/active").json().get("gpu_decode_batching")
+        if batch_max > 1:
+            assert batching["images"] == 40 and batching["largest_batch"] > 1
+        else:
+            assert batching is None
         r = post(png_bytes(photo))  # no GPU PNG decoder: the CPU path, same answer
         assert r.status_code == 200 and "preprocess" in r.headers["Server-Timing"]
         assert np.array_equal(decode_png(r.content), truth)

@@ -109,7 +109,7 @@ class SegmentModel:
         model = load_model(self.repository.local_path(name), backend=s.backend, ort=OrtOptions.from_settings(s))
         observe = functools.partial(self.batch_size.observe, tags={"model": name})
         # On ONNX Runtime's CUDA provider this also warms the one batch shape every call is padded to.
-        loaded = LoadedModel.serve(model, s.batch_max, s.batch_wait_ms, on_batch=observe)
+        loaded = LoadedModel.serve(model, s.batch_max, s.batch_wait_ms, on_batch=observe, gpu_decode_on=s.gpu_decode)
         loaded.on_evict = functools.partial(self.cached.discard, name)
         self.cached.add(name)
         return loaded
@@ -134,32 +134,45 @@ class SegmentModel:
             return {"error": exc.detail, "served_by": self.served_by}
         except Exception as exc:  # a load that failed in a way we did not foresee: still said, not hidden
             return {"error": f"{type(exc).__name__}: {exc}", "served_by": self.served_by}
-        return {**model.describe(), "palette": model.palette.tolist(), "served_by": self.served_by}
+        return {**model.describe(), "palette": model.palette.tolist(), "served_by": self.served_by,
+                "gpu_decode": self.settings.gpu_decode and model.decodes_on_gpu}
 
     async def infer(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
         """Labels [1,H,W] for one RGB uint8 [1,H,W,3] image, run in a batch with others for the same model; with
         the replica and node that ran it and the batch's size."""
+        return await self._run(self._labels_of_pixels, image)
+
+    async def infer_jpeg(self, data: bytes) -> tuple[np.ndarray | None, dict]:
+        """Labels [1,H,W] for a JPEG of the model's size, decoded on the GPU in a batch with others (None when the
+        GPU decoder declines it: the ingress decodes it then); with the replica, node and batch size."""
+        return await self._run(lambda model, jpeg: infer_with_batch(model.infer_jpeg, jpeg), data)
+
+    async def _run(self, step, x) -> tuple:
+        """``step(model, x)`` for this request's model in one of the replica's threads; ``model`` is released
+        in that thread, not on the event loop: a request cancelled meanwhile must not let an evicted model close
+        under its run."""
         model = (await self._model()).acquire()
+
+        def run():
+            try:
+                return step(model, x)
+            finally:
+                model.release()
+
         try:
-            work = asyncio.get_running_loop().run_in_executor(self.pool, self._run, model, image)
+            work = asyncio.get_running_loop().run_in_executor(self.pool, run)
         except BaseException:
             model.release()
             raise
-        labels, size = await work
-        return labels, {**self.served_by, "batch": size}
+        labels, batch = await work
+        return labels, {**self.served_by, "batch": batch.size if batch is not None else 1}
 
     @staticmethod
-    def _run(model: LoadedModel, rgb: np.ndarray) -> tuple[np.ndarray, int]:
+    def _labels_of_pixels(model: LoadedModel, rgb: np.ndarray):
         """The model's own input from the RGB uint8 image the ingress sent (normalised NCHW for a float model,
-        in this request's thread), then its batch: the labels and the batch's size. Releases ``model`` here, not
-        on the event loop: a request cancelled meanwhile must not let an evicted model close under this run."""
-        try:
-            x = rgb if model.uint8_input else preprocess(cv2.cvtColor(rgb[0], cv2.COLOR_RGB2BGR), model,
-                                                         rgb.shape[1:3])
-            labels, batch = infer_with_batch(model.infer, x)
-            return labels, batch.size if batch is not None else 1
-        finally:
-            model.release()
+        in this request's thread), then its batch: the labels and the batch it ran in."""
+        x = rgb if model.uint8_input else preprocess(cv2.cvtColor(rgb[0], cv2.COLOR_RGB2BGR), model, rgb.shape[1:3])
+        return infer_with_batch(model.infer, x)
 
 
 def max_ongoing(settings: Settings) -> int:

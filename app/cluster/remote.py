@@ -91,19 +91,33 @@ class RemoteModel(SegmentationModel):
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Labels for ``batch``, one call per image (the model deployment batches them with other requests');
         blocking, so call it from a worker thread."""
-        rows = []
-        for row in batch:
-            labels, served_by = ask(self.handle, self.settings, self.name, "infer", row[None])
-            rows.append(labels)
-            if (record := SERVED_BY.get()) is not None:
-                record.update(served_by)
-        return np.concatenate(rows)
+        return np.concatenate([self.ask("infer", row[None]) for row in batch])
+
+    def ask(self, method: str, *args):
+        """A model replica's answer to ``method(*args)`` for this model, noting which replica gave it."""
+        answer, served_by = ask(self.handle, self.settings, self.name, method, *args)
+        if (record := SERVED_BY.get()) is not None:
+            record.update(served_by)
+        return answer
 
     def describe(self) -> dict:
         return self.description
 
     def close(self) -> None:  # the model lives in the model deployment
         pass
+
+
+class RemoteServedModel(ServedModel):
+    """A :class:`RemoteModel` as the ingress serves it. With ``SEGMENT_GPU_DECODE`` on a model replica that can
+    (nvImageCodec, a raw-pixel model on CUDA), a JPEG of the model's size crosses to the replica as it came (its
+    bytes, not 6 MB of pixels), which decodes it on the GPU in a batch with other requests'."""
+
+    def __init__(self, model: RemoteModel):
+        super().__init__(model)
+        self.decodes_on_gpu = bool(model.description.get("gpu_decode"))
+
+    def infer_jpeg(self, data: bytes) -> np.ndarray | None:
+        return self.model.ask("infer_jpeg", data)
 
 
 class ClusterState(ServiceState):
@@ -133,7 +147,7 @@ class ClusterState(ServiceState):
             where = desc.get("served_by", {})
             raise ModelError(f"model replica {where.get('replica', '?')} on node {where.get('node', '?')} "
                              f"cannot serve {name!r}: {desc['error']}")
-        return ServedModel(RemoteModel.from_description(desc, path, self.handle, self.settings))
+        return RemoteServedModel(RemoteModel.from_description(desc, path, self.handle, self.settings))
 
     def start(self) -> None:
         threading.Thread(target=super().start, name="cluster-start", daemon=True).start()

@@ -177,15 +177,43 @@ class OnnxRuntime:
         order the decoder's stream before the run)."""
         return self.device == "cuda" and cuda_runtime() is not None
 
-    def run_bound(self, input_name: str, image) -> np.ndarray:
-        """The first output for one RGB uint8 [H,W,3] image in GPU memory (``__cuda_array_interface__``), bound
-        without a host copy. The caller holds the model's lock."""
-        sess = self.runner.sess
+    def run_bound(self, input_name: str, images: list, rows: int = 1) -> np.ndarray:
+        """The first output for RGB uint8 [H,W,3] images of one size in GPU memory (``__cuda_array_interface__``),
+        run as one batch of ``rows`` (at least ``len(images)``) without a host copy: one image is bound as it is,
+        several are copied on the GPU into a batch buffer (rows past them hold earlier images; their outputs are
+        dropped). The caller holds the model's lock."""
+        sess, cuda = self.runner.sess, cuda_runtime()
         binding = sess.io_binding()
-        binding.bind_input(input_name, "cuda", 0, np.uint8, [1, *image.shape],
-                           image.__cuda_array_interface__["data"][0])
+        height, width, _ = images[0].shape
+        if len(images) == 1 and rows == 1:
+            binding.bind_input(input_name, "cuda", self.device_index, np.uint8, [1, height, width, 3],
+                               images[0].__cuda_array_interface__["data"][0])
+        else:
+            batch = self._batch_buffer(rows, height, width)
+            row_bytes, size = width * 3, height * width * 3
+            for i, image in enumerate(images):
+                face = image.__cuda_array_interface__
+                pitch = face["strides"][0] if face.get("strides") else row_bytes  # decoders may pad rows
+                # cudaMemcpy2D on the default stream, where the decoder wrote (cudaMemcpyDeviceToDevice = 3)
+                status = cuda.cudaMemcpy2D(ctypes.c_void_p(batch.data_ptr() + i * size), ctypes.c_size_t(row_bytes),
+                                           ctypes.c_void_p(face["data"][0]), ctypes.c_size_t(pitch),
+                                           ctypes.c_size_t(row_bytes), ctypes.c_size_t(height), 3)
+                if status != 0:
+                    raise RuntimeError(f"cudaMemcpy2D into the batch failed (CUDA error {status})")
+            binding.bind_ortvalue_input(input_name, batch)
         binding.bind_output(sess.get_outputs()[0].name, "cpu")
-        # The decoder wrote the image on CUDA's default stream, ONNX Runtime reads on its own: wait for it.
-        cuda_runtime().cudaStreamSynchronize(None)
+        # The decoder wrote the images on CUDA's default stream, ONNX Runtime reads on its own: wait for it.
+        cuda.cudaStreamSynchronize(None)
         sess.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.copy_outputs_to_cpu()[0][:len(images)]
+
+    def _batch_buffer(self, rows: int, height: int, width: int):
+        """The GPU buffer that batches of ``rows`` images are copied into, kept for the next batch (one per size)."""
+        import onnxruntime as ort
+
+        key = (rows, height, width)
+        if getattr(self, "_batch", (None,))[0] != key:
+            value = ort.OrtValue.ortvalue_from_shape_and_type([rows, height, width, 3], np.uint8, "cuda",
+                                                              self.device_index)
+            self._batch = (key, value)
+        return self._batch[1]

@@ -134,5 +134,5 @@ class TensorRT:
         except (AttributeError, TypeError, RuntimeError, OSError):  # a figure for the admin view never fails a load
             return None
 
-    def run_bound(self, input_name: str, image):
+    def run_bound(self, input_name: str, images: list, rows: int = 1):
         raise NotImplementedError("TensorRT engines take host arrays here")

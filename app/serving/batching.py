@@ -1,7 +1,9 @@
 """Dynamic batching: concurrent single-image calls gathered into one runner call.
 
-Requests wait at most ``max_wait_ms`` for company, up to ``max_batch`` images; tensors of equal shape run
-together (a dynamic-H/W model may see several shapes) and each caller gets back its own row.
+Requests wait at most ``max_wait_ms`` for company, up to ``max_batch`` images; items of one kind run together
+(tensors of one shape: a dynamic-H/W model may see several) and each caller gets back its own answer. Items are
+tensors (:meth:`Batcher.of_arrays`: stacked into one runner call) or anything a batch step takes as a list
+(JPEG bytes decoded on the GPU as one batch).
 """
 
 import logging
@@ -43,21 +45,45 @@ def infer_with_batch(infer: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -
 
 
 class Batcher:
-    """A worker thread that owns the runner calls; ``submit`` blocks the calling thread until its result."""
+    """A worker thread that owns the runner calls; ``submit`` blocks the calling thread until its result.
 
-    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_ms: float,
-                 on_batch: Callable[[int], None] | None = None, fixed_batch: bool = False):
-        self.infer, self.max_batch, self.max_wait = infer, max_batch, max_wait_ms / 1000.0
-        self.on_batch, self.fixed_batch = on_batch, fixed_batch
+    ``run`` takes a list of items of one kind (``kind(item)`` equal) and returns one answer per item, in order."""
+
+    def __init__(self, run: Callable[[list], list], max_batch: int, max_wait_ms: float,
+                 on_batch: Callable[[int], None] | None = None, kind: Callable[[object], object] = lambda _: None):
+        self.run, self.kind, self.max_batch, self.max_wait = run, kind, max_batch, max_wait_ms / 1000.0
+        self.on_batch = on_batch
+        self.fixed_batch = False
         self.batches = self.images = self.largest = 0
         self._queue: queue.Queue = queue.Queue()
         self._closed, self._close_lock = False, threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, x: np.ndarray) -> np.ndarray:
-        """Run ``x`` (batch 1) as part of the next batch; returns its own output row. RuntimeError once closed (a
-        late caller fails instead of waiting for a thread that is gone)."""
+    @classmethod
+    def of_arrays(cls, infer: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_ms: float,
+                  on_batch: Callable[[int], None] | None = None, fixed_batch: bool = False) -> "Batcher":
+        """Batch-1 tensors stacked into one ``infer`` call per shape; each caller gets its row (batch 1). With
+        ``fixed_batch`` every call has ``max_batch`` rows (see :func:`pad_batch`)."""
+
+        def run(xs: list) -> list:
+            x = np.concatenate(xs) if len(xs) > 1 else xs[0]
+            if fixed_batch:
+                # ONNX Runtime's CUDA provider spends seconds whenever the input shape changes, even back to one
+                # it has run (H100, onnxruntime-gpu 1.31, cuDNN 9.14: 2.1-2.8 s with its defaults, 3.9-12 s with
+                # NHWC and fused bias, heuristic algorithm search included), so on CUDA every call has the one
+                # shape warmed at start-up: max_batch rows, the missing ones repeating the last image.
+                x = pad_batch(x, max_batch)
+            out = infer(x)
+            return [out[i:i + 1] for i in range(len(xs))]
+
+        batcher = cls(run, max_batch, max_wait_ms, on_batch, kind=lambda x: x.shape)
+        batcher.fixed_batch = fixed_batch
+        return batcher
+
+    def submit(self, x):
+        """Run ``x`` as part of the next batch; returns its own answer. RuntimeError once closed (a late caller
+        fails instead of waiting for a thread that is gone)."""
         future: Future = Future()
         with self._close_lock:
             if self._closed:
@@ -100,10 +126,10 @@ class Batcher:
             if first is None:
                 break
             items, stop = self._gather(first)
-            by_shape: dict[tuple, list] = {}
+            by_kind: dict = {}
             for x, fut in items:
-                by_shape.setdefault(x.shape, []).append((x, fut))
-            for group in by_shape.values():
+                by_kind.setdefault(self.kind(x), []).append((x, fut))
+            for group in by_kind.values():
                 self._run(group)
         while not self._queue.empty():  # closing: nobody is left waiting forever
             item = self._queue.get_nowait()
@@ -112,20 +138,13 @@ class Batcher:
 
     def _run(self, group: list) -> None:
         try:
-            x = np.concatenate([x for x, _ in group]) if len(group) > 1 else group[0][0]
-            if self.fixed_batch and len(group) < self.max_batch:
-                # ONNX Runtime's CUDA provider spends seconds whenever the input shape changes, even back to one
-                # it has run (H100, onnxruntime-gpu 1.31, cuDNN 9.14: 2.1-2.8 s with its defaults, 3.9-12 s with
-                # NHWC and fused bias, heuristic algorithm search included), so on CUDA every call has the one
-                # shape warmed at start-up: max_batch rows, the missing ones repeating the last image.
-                x = pad_batch(x, self.max_batch)
             start_ns = time.perf_counter_ns()
-            out = self.infer(x)
+            outs = self.run([x for x, _ in group])
         except Exception as exc:  # every caller of the batch learns of the failure; the thread goes on
             for _, fut in group:
                 fut.set_exception(exc)
             return
-        log.debug("batch of %d (run as %d): %.1f ms", len(group), x.shape[0], (time.perf_counter_ns() - start_ns) / 1e6)
+        log.debug("batch of %d: %.1f ms", len(group), (time.perf_counter_ns() - start_ns) / 1e6)
         self.batches += 1
         self.images += len(group)
         self.largest = max(self.largest, len(group))
@@ -135,9 +154,9 @@ class Batcher:
             except Exception:  # a metric's failure must not cost the answers
                 log.exception("on_batch failed")
         run = BatchRun(start_ns, len(group))
-        for i, (_, fut) in enumerate(group):
+        for (_, fut), out in zip(group, outs):
             fut.batch_run = run
-            fut.set_result(out[i:i + 1])
+            fut.set_result(out)
 
 
 def pad_batch(x: np.ndarray, size: int) -> np.ndarray:

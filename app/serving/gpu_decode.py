@@ -58,14 +58,23 @@ def warm(height: int, width: int) -> None:
         _warmed.add((height, width))
 
 
-def decode(data: bytes):
-    """The JPEG as an RGB uint8 [H,W,3] image in GPU memory (``__cuda_array_interface__``), EXIF orientation
-    applied; None when nvImageCodec cannot decode it (the caller then decodes on the CPU)."""
+def decode(datas: list[bytes]) -> list:
+    """The JPEGs as RGB uint8 [H,W,3] images in GPU memory (``__cuda_array_interface__``, on CUDA's default
+    stream), EXIF orientation applied, decoded as one batch; None for each that nvImageCodec cannot decode (the
+    caller then decodes it on the CPU, which explains bad input)."""
     _ensure_decoders()
     decoder = _pool.get()
     try:
-        return decoder.decode(data)
-    except Exception:  # nvImageCodec raises RuntimeError and its own types; the CPU path explains bad input
-        return None
+        try:
+            return list(decoder.decode(list(datas)))  # a failed image is None in its place
+        except Exception:  # nvImageCodec raises RuntimeError and its own types: each alone, to keep the good ones
+            return [_one(decoder, data) for data in datas] if len(datas) > 1 else [None]
     finally:
         _pool.put(decoder)
+
+
+def _one(decoder, data: bytes):
+    try:
+        return decoder.decode(data)
+    except Exception:
+        return None

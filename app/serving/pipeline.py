@@ -7,8 +7,7 @@ import cv2
 import numpy as np
 
 from ..engines import SegmentationModel
-from . import gpu_decode as gpu
-from .batching import infer_with_batch
+from .batching import BatchRun, infer_with_batch
 from .imaging import check_header, colorize, decode_pixels, encode_indexed_png, encode_png, jpeg_complete, overlay
 
 VIEWS = ("mask", "overlay", "labels")
@@ -113,12 +112,11 @@ def segment_bytes(model: SegmentationModel, data: bytes, max_pixels: int, max_si
     watch = Stopwatch()
     width, height, fmt = header or check_header(data, max_pixels, min_side)
     if gpu_decode and fmt == "jpeg" and (height, width) == model.input_hw and jpeg_complete(data):
-        image = gpu.decode(data)
-        if image is not None and tuple(image.shape) == (height, width, 3):  # EXIF rotation may swap sides
-            watch.lap("decode")
-            labels = model.infer_on_gpu(image)[0]
+        labels, batch = infer_with_batch(model.infer_jpeg, data)
+        if labels is not None:  # decoded and segmented on the GPU: one stage, "inference"
             watch.lap("inference")
-            return Segmentation(image=None, labels=labels, timings=watch.timings, spans=watch.spans)
+            return Segmentation(image=None, labels=labels[0], timings=watch.timings, spans=batch_spans(watch, batch),
+                                batch_size=batch.size if batch is not None else 1)
     image = decode_pixels(data, fmt)
     watch.lap("decode")
     seg = segment_image(model, image, max_side)
@@ -136,13 +134,20 @@ def segment_image(model: SegmentationModel, image: np.ndarray, max_side: int = 2
     labels, batch = infer_with_batch(model.infer, tensor)
     labels = labels[0]
     watch.lap("inference")
-    if batch is not None:  # the batcher ran it: its wait for company is the queue stage of the trace
-        _, start, end = watch.spans.pop()
-        watch.spans += [("queue", start, epoch_ns(batch.started_ns)), ("inference", epoch_ns(batch.started_ns), end)]
+    batch_spans(watch, batch)
     labels = restore_size(labels, height, width)
     watch.lap("postprocess")
     return Segmentation(image=image, labels=labels, timings=watch.timings, spans=watch.spans,
                         batch_size=batch.size if batch is not None else 1)
+
+
+def batch_spans(watch: Stopwatch, batch: BatchRun | None) -> list:
+    """The stopwatch's spans, its last (``inference``) split in two when a batcher ran it: the wait for company
+    and the batch's run (the trace's ``queue`` and ``inference`` stages)."""
+    if batch is not None:
+        _, start, end = watch.spans.pop()
+        watch.spans += [("queue", start, epoch_ns(batch.started_ns)), ("inference", epoch_ns(batch.started_ns), end)]
+    return watch.spans
 
 
 def view_image(seg: Segmentation, model: SegmentationModel, view: str, alpha: float = 0.5) -> np.ndarray:

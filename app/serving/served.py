@@ -16,6 +16,7 @@ class ServedModel:
 
     def __init__(self, model: SegmentationModel, batcher: Batcher | None = None):
         self.model, self.batcher = model, batcher
+        self.jpeg_batcher: Batcher | None = None  # JPEGs decoded on the GPU as one batch (infer_jpeg)
         # JPEGs can go from nvImageCodec straight into this model (used only with SEGMENT_GPU_DECODE on)
         self.decodes_on_gpu = model.accepts_gpu_images and gpu_decode.available()
         self._ref_lock = threading.Lock()  # never held for long
@@ -27,15 +28,19 @@ class ServedModel:
               gpu_decode_on: bool = False) -> "ServedModel":
         """Batching for a model with a dynamic batch dimension when ``batch_max`` > 1; with ``gpu_decode_on``, the
         GPU decoders of a model that can take their images warmed now, not on the first requests."""
-        batcher = None
+        batcher, costly = None, False
         if batch_max > 1 and model.batch_dynamic:
             costly = model.runtime.shape_change_is_costly
             if costly and not model.dynamic_hw:  # the one batch shape's first run (cuDNN's search) now, before a
                 model.infer(np.zeros(model.input_shape(batch_max, *model.input_hw), model.input_dtype))  # thread
-            batcher = Batcher(model.infer, batch_max, batch_wait_ms, on_batch, fixed_batch=costly)
+            batcher = Batcher.of_arrays(model.infer, batch_max, batch_wait_ms, on_batch, fixed_batch=costly)
         served = cls(model, batcher)
         if gpu_decode_on and served.decodes_on_gpu:
             gpu_decode.warm(*model.input_hw)
+            if batcher is not None:  # GPU-decoded JPEGs batch too, in the one warmed batch shape
+                rows = batch_max if costly else None
+                served.jpeg_batcher = Batcher(lambda datas: served.decode_and_infer(datas, rows), batch_max,
+                                              batch_wait_ms, on_batch)
         return served
 
     def __getattr__(self, name):  # the model's contract, meta, palette... (only called for what is not here)
@@ -46,6 +51,27 @@ class ServedModel:
         if self.batcher is not None and batch.shape[0] == 1:
             return self.batcher.submit(batch)
         return self.model.infer(batch)
+
+    def infer_jpeg(self, data: bytes) -> np.ndarray | None:
+        """Labels [1,H,W] for a complete JPEG of the model's size, decoded on the GPU (batched with other requests'
+        when batching is on); None when nvImageCodec declines it or it decodes to another size (EXIF rotation):
+        the caller then decodes it on the CPU."""
+        if self.jpeg_batcher is not None:
+            return self.jpeg_batcher.submit(data)
+        return self.decode_and_infer([data])[0]
+
+    def decode_and_infer(self, datas: list[bytes], rows: int | None = None) -> list:
+        """:meth:`infer_jpeg` for several JPEGs: one GPU decode, one model run of ``rows`` (default: as many as
+        decoded)."""
+        images = gpu_decode.decode(datas)
+        good = [i for i, image in enumerate(images)
+                if image is not None and tuple(image.shape) == (*self.model.input_hw, 3)]
+        answers: list = [None] * len(datas)
+        if good:
+            labels = self.model.infer_on_gpu([images[i] for i in good], rows or len(good))
+            for row, i in enumerate(good):
+                answers[i] = labels[row:row + 1]
+        return answers
 
     def acquire(self) -> "ServedModel":
         """Mark one request as using this model; pair with :meth:`release`.
@@ -71,9 +97,11 @@ class ServedModel:
             self.close()
 
     def describe(self) -> dict:
-        return {**self.model.describe(), "batching": self.batcher.stats() if self.batcher is not None else None}
+        return {**self.model.describe(), "batching": self.batcher.stats() if self.batcher is not None else None,
+                **({"gpu_decode_batching": self.jpeg_batcher.stats()} if self.jpeg_batcher is not None else {})}
 
     def close(self) -> None:
-        if self.batcher is not None:
-            self.batcher.close()
+        for batcher in (self.batcher, self.jpeg_batcher):
+            if batcher is not None:
+                batcher.close()
         self.model.close()
