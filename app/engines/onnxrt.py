@@ -154,6 +154,7 @@ class OnnxRuntime:
     def __init__(self, path: Path, options: OrtOptions = OrtOptions()):
         self.runner = NumpyOnnxrtRunner(OrtSessionLoader(path, options), name=path.stem)
         self.device_index = options.cuda_device
+        self._batch: tuple = (None, None)  # (rows, height, width) and the GPU buffer batches are copied into
 
     def device_bytes(self) -> None:
         """ONNX Runtime does not say what its CUDA provider allocated: the process's GPU memory is read around the
@@ -212,7 +213,7 @@ class OnnxRuntime:
         import onnxruntime as ort
 
         key = (rows, height, width)
-        if getattr(self, "_batch", (None,))[0] != key:
+        if self._batch[0] != key:
             value = ort.OrtValue.ortvalue_from_shape_and_type([rows, height, width, 3], np.uint8, "cuda",
                                                               self.device_index)
             self._batch = (key, value)
