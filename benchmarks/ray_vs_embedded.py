@@ -7,7 +7,8 @@
 Starts both at once on loopback: `segment serve` (``--embedded-workers`` processes) and `segment serve --ray` (a
 local Ray: ``--ingress-replicas`` CPU ingress replicas, ``--model-replicas`` model replicas with all the CPUs
 left, or ``--model-gpus`` of a GPU each with ``--gpu``; ``--haproxy`` puts Serve's HAProxy in front instead of its
-Python proxy; ``--servers ray`` runs Ray alone). Then, in alternating rounds so that other load on the machine
+Python proxy; ``--servers ray`` runs Ray alone; ``--layout fused`` runs ``--model-replicas`` replicas of the whole
+app instead, each with its own runners, as the embedded server's workers). Then, in alternating rounds so that other load on the machine
 hits both alike, ``clients`` concurrent clients upload the sample photo (2048x1024 PNG, or a JPEG of it with
 ``--jpeg``) to each for ``seconds``. Prints images/s, p50/p99 latency, the machine's CPU and GPU busy share, the
 mean batch in Ray mode, the Ray/embedded ratios, and where Ray's extra time goes from the responses'
@@ -16,7 +17,7 @@ HTTP proxy hop plus the rest (the extra latency not inside the ingress's stages)
 
 ``--gpu-decode`` decodes JPEGs of the model's size on the GPU in both servers (in Ray mode the ingress sends the
 JPEG's bytes and the model replica decodes a batch at once); before the load, each server's labels for the photo
-are compared with the first's. ``--profile DIR`` writes py-spy profiles of an ingress and a model replica.
+are compared with the first's. ``--profile DIR`` writes py-spy profiles of an ingress and a model replica (or a fused one).
 """
 
 import argparse
@@ -76,6 +77,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 # Which part of Ray a process is, from its command line (Ray names its workers "ray::<actor>").
 RAY_ROLES = (("SegmentIngress", "ingress replicas"), ("SegmentModel", "model replicas"),
+             ("SegmentServer", "fused replicas"),
              ("ProxyActor", "Serve proxy"), ("haproxy", "HAProxy"))
 
 
@@ -165,7 +167,7 @@ def profile(processes: dict, seconds: float, out: Path) -> list[subprocess.Popen
         print("no py-spy here (pip install py-spy): no profiles", flush=True)
         return []
     spies = []
-    for role in ("ingress replicas", "model replicas"):
+    for role in ("ingress replicas", "model replicas", "fused replicas"):
         pid = next((pid for pid, (r, _) in processes.items() if r == role), None)
         if pid is None:
             continue
@@ -236,6 +238,9 @@ def main() -> int:
     ap.add_argument("--embedded-batch-max", type=int, default=1,
                     help="the embedded server's (1: on CUDA, batching does not pay there, docs/gpu.md)")
     ap.add_argument("--batch-wait-ms", type=float, default=2.0)
+    ap.add_argument("--layout", choices=("split", "fused"), default="split",
+                    help="Ray's layout (SEGMENT_RAY_LAYOUT): fused runs --model-replicas replicas of the whole app, "
+                         "each with --model-gpus and an equal share of the cores (--ingress-replicas unused)")
     ap.add_argument("--gpu-decode", action="store_true",
                     help="SEGMENT_GPU_DECODE=1 for both servers: JPEGs of the model's size decoded on the GPU (in Ray "
                          "mode by the model replica, in batches)")
@@ -259,12 +264,15 @@ def main() -> int:
             "SEGMENT_GPU_DECODE": "1" if args.gpu_decode else "0"}
     # Ray: everything on loopback, its files in the temp folder, no token file in ~/.ray.
     ingress_cpus = 1.0 if args.gpu else 0.0  # on CPU the model replicas get every core, as the embedded server has
+    if args.layout == "fused":
+        args.ingress_replicas, ingress_cpus = 1, 0.0  # no ingress deployment: the replicas share every core
     ray_env = {**base, "SEGMENT_BATCH_MAX": str(args.batch_max), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                "RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                "SEGMENT_RAY_INGRESS_REPLICAS": str(args.ingress_replicas), "SEGMENT_RAY_INGRESS_CPUS": str(ingress_cpus),
                "SEGMENT_RAY_MIN_REPLICAS": str(args.model_replicas), "SEGMENT_RAY_MAX_REPLICAS": str(args.model_replicas),
                "SEGMENT_RAY_MODEL_GPUS": str(args.model_gpus) if args.gpu else "0",
-               "SEGMENT_RAY_MODEL_CPUS": str(max(1, (cores - args.ingress_replicas * ingress_cpus) // args.model_replicas))}
+               "SEGMENT_RAY_MODEL_CPUS": str(max(1, (cores - args.ingress_replicas * ingress_cpus) // args.model_replicas)),
+               "SEGMENT_RAY_LAYOUT": args.layout}
     if args.haproxy:
         ray_env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     servers = {"embedded": (["--workers", str(args.embedded_workers)], base), "ray": (["--ray"], ray_env)}

@@ -29,7 +29,9 @@ from .server import free_port
 
 # Set before Ray is imported: loopback only (without it ray.init rewrites 127.0.0.1 to the host address and
 # can wait forever), no token file written to ~/.ray, no usage reporting.
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+# The proxy routes to replicas on any node, not first its own (so the fused layout's requests reach both nodes).
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
 os.environ.update(RAY_ENV)
 ray = pytest.importorskip("ray", reason="Ray Serve is the `cluster` extra: pip install -e '.[cluster]'")
 serve = pytest.importorskip("ray.serve")
@@ -239,6 +241,34 @@ def test_requests_that_arrive_while_a_batch_runs_share_the_next(cluster):
         assert len(sizes) == 36 and max(sizes) > 1 and max(sizes) <= 4, sizes
     finally:
         serve.delete("batched")
+
+
+def test_the_fused_layout_serves_the_whole_app_in_each_replica(cluster):
+    """``ray_layout="fused"``: each replica runs the app with models of its own (the embedded worker on Ray), on
+    both nodes; the headers name the one replica as ingress and model; a model loaded through one replica is
+    served by all, chosen per request with ``?model=``."""
+    cluster.deploy("fused", "/fused", model="raw", ray_layout="fused", ray_min_replicas=2, ray_max_replicas=2,
+                   ray_model_cpus=0.1, control_db=cluster.tmp / "fused.db")
+    try:
+        assert cluster.wait_ready("/fused").json() == {"status": "ready", "model": "raw"}
+        r = httpx.post(f"{cluster.url}/fused/models/rgb/load", timeout=120)  # every replica follows the store
+        assert r.status_code == 200, r.text
+        photo, truth = quadrants(64, 96)
+        nodes = Counter()
+        for i in range(40):
+            name = ("raw", "rgb")[i % 2]
+            r = segment(f"{cluster.url}/fused", png_bytes(photo), view="labels", model=name)
+            assert r.status_code == 200 and r.headers["x-model"] == name, r.text
+            assert np.array_equal(decode_png(r.content), truth)
+            assert r.headers["x-model-replica"] == r.headers["x-ingress-replica"]
+            nodes[r.headers["x-model-node"]] += 1
+            if len(nodes) == 2 and i >= 3:
+                break
+        assert set(nodes) == {cluster.head_id, cluster.worker_id}, nodes
+        assert segment(f"{cluster.url}/fused", b"not an image").status_code == 415
+        assert "raw" in httpx.get(f"{cluster.url}/fused/models", timeout=30).json()["loaded_here"]
+    finally:
+        serve.delete("fused")
 
 
 def test_a_model_that_cannot_load_says_why_in_readyz(cluster):

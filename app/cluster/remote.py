@@ -33,6 +33,7 @@ SERVED_BY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("served_
 MODEL_DEPLOYMENT = "SegmentModel"
 CONNECT_PATIENCE_S = 600  # how long an ingress replica waits for the model deployment to answer at all
 INGRESS_DEPLOYMENT = "SegmentIngress"
+SERVER_DEPLOYMENT = "SegmentServer"  # the fused layout: ingress and runners in one replica
 
 
 def here() -> dict:
@@ -155,10 +156,10 @@ class ClusterState(ServiceState):
 
 class ServedByMiddleware:
     """Response headers naming the ingress replica and node, and the model replica and node that ran the model
-    and the size of the batch it ran in."""
+    and the size of the batch it ran in. ``fused``: the replica runs its models itself, so it is both."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, fused: bool = False):
+        self.app, self.fused = app, fused
         self.ingress = None
 
     async def __call__(self, scope, receive, send):
@@ -174,6 +175,8 @@ class ServedByMiddleware:
                 headers = list(message.get("headers", []))
                 headers += [(b"x-ingress-replica", self.ingress["replica"].encode()),
                             (b"x-ingress-node", self.ingress["node"].encode())]
+                if self.fused:
+                    record.update(self.ingress)
                 if record:
                     headers += [(b"x-model-replica", record["replica"].encode()),
                                 (b"x-model-node", record["node"].encode())]

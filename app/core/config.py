@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     reconcile_interval_ms: float = Field(100.0, gt=0, le=500, description="How often each worker checks the control "
                                                                           "store for changes.")
     # Ray Serve (`segment serve --ray`, the `cluster` extra); a Serve config file's own fields override these.
+    ray_layout: Literal["split", "fused"] = Field(
+        "split", description="Ray: `split`: CPU ingress replicas (HTTP, decode, encode) in front of model replicas "
+                             "(the runners); `fused`: each replica serves the whole app with runners of its own, as "
+                             "the embedded server's workers do (no hop between replicas; the ray_model_* and "
+                             "replica settings size it, the ray_ingress_* ones are unused).")
     ray_ingress_replicas: int = Field(
         1, ge=1, description="Ray: HTTP ingress replicas (decode, encode, the FastAPI app; CPU only).")
     ray_ingress_cpus: float = Field(1.0, ge=0, description="Ray: CPUs reserved per ingress replica.")
