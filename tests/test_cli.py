@@ -88,27 +88,3 @@ def test_serve_ray_options_say_what_goes_with_what(tmp_path):
     r = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--ray"], capture_output=True, text=True, cwd=ROOT,
                        timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert r.returncode == 2 and "pip install 'bisenet-serve[cluster]'" in r.stderr
-
-
-def test_a_local_ray_runs_its_replicas_at_normal_priority(monkeypatch):
-    """`segment serve --ray` starting its own Ray asks for workers at nice 0 (Ray's default, 15, lost the CPU to
-    every other process of the host); a value the user set, or a cluster it joins, keeps its own."""
-    pytest.importorskip("ray", reason="Ray Serve is the `cluster` extra: pip install -e '.[cluster]'")
-    from app.cluster import launch
-    from app.core.config import Settings
-
-    seen = []
-
-    def init(address=None, **_):
-        seen.append((address, os.environ.get(launch.WORKER_NICENESS)))
-        raise RuntimeError("not starting Ray in this test")
-
-    monkeypatch.setattr(launch.ray, "init", init)
-    for address, preset, expected in ((None, None, "0"), (None, "5", "5"), ("auto", None, None)):
-        if preset is None:
-            monkeypatch.delenv(launch.WORKER_NICENESS, raising=False)
-        else:
-            monkeypatch.setenv(launch.WORKER_NICENESS, preset)
-        with pytest.raises(RuntimeError, match="not starting Ray"):
-            launch.serve_on_ray(Settings(), "127.0.0.1", 8000, address)
-        assert seen[-1] == (address, expected)

@@ -29,10 +29,9 @@ from .server import free_port
 
 # Set before Ray is imported: loopback only (without it ray.init rewrites 127.0.0.1 to the host address and
 # can wait forever), no token file written to ~/.ray, no usage reporting.
-# The proxy routes to replicas on any node, not first its own (so the fused layout's requests reach both nodes);
-# workers at normal priority, as `segment serve --ray` starts them.
+# The proxy routes to replicas on any node, not first its own (so the fused layout's requests reach both nodes).
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0", "RAY_worker_niceness": "0"}
+           "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
 os.environ.update(RAY_ENV)
 ray = pytest.importorskip("ray", reason="Ray Serve is the `cluster` extra: pip install -e '.[cluster]'")
 serve = pytest.importorskip("ray.serve")
@@ -158,18 +157,6 @@ def cluster(tmp_path_factory):
         faulthandler.cancel_dump_traceback_later()
 
 
-def replica_niceness(title: str) -> list[int]:
-    """The nice value of each live process whose title (Ray names its workers ``ray::<actor>``) holds ``title``."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if title in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                found.append(int((proc / "stat").read_text().rsplit(")", 1)[1].split()[16]))  # field 19: nice
-        except (OSError, IndexError, ValueError):  # ended meanwhile
-            continue
-    return found
-
-
 def segment(url: str, data: bytes, **params) -> httpx.Response:
     return httpx.post(f"{url}/segment", files={"image": ("photo.png", data, "image/png")}, params=params,
                       timeout=30)
@@ -279,7 +266,6 @@ def test_the_fused_layout_serves_the_whole_app_in_each_replica(cluster):
                 break
         assert set(nodes) == {cluster.head_id, cluster.worker_id}, nodes
         assert segment(f"{cluster.url}/fused", b"not an image").status_code == 415
-        assert replica_niceness("ServeReplica:fused:SegmentServer") == [0, 0]  # RAY_worker_niceness honoured
         assert "raw" in httpx.get(f"{cluster.url}/fused/models", timeout=30).json()["loaded_here"]
     finally:
         serve.delete("fused")

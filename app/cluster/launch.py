@@ -12,17 +12,11 @@ from ..core.config import Settings  # noqa: E402
 from .deployments import application  # noqa: E402
 
 APP_NAME = "segment"
-WORKER_NICENESS = "RAY_worker_niceness"  # the raylet's worker_niceness setting (default 15)
 
 
 def serve_on_ray(settings: Settings, host: str, port: int, address: str | None = None) -> int:
     """Deploy the service as the Serve application ``segment`` at ``/``; Ctrl-C or SIGTERM removes it (and stops
     the local Ray this started). ``address``: ``auto`` or ``ray://host:10001`` joins a running cluster."""
-    if not address:
-        # Ray starts its workers at nice 15, below its own daemons; here the replicas are the service, and at 15
-        # they lost the CPU to every other process of the host (on the H200 host beside the load generator: the
-        # fused layout's stages took twice the embedded server's). A value the user set wins.
-        os.environ.setdefault(WORKER_NICENESS, "0")
     context = ray.init(address=address, log_to_driver=False)
     try:
         serve.start(http_options={"host": host, "port": port})
