@@ -172,10 +172,11 @@ def profile(processes: dict, seconds: float, out: Path) -> list[subprocess.Popen
         if pid is None:
             continue
         name = role.split()[0]
-        spies.append(subprocess.Popen(
-            [spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds) - 1)), "--rate", "200",
-             "--format", "raw", "--nonblocking", "--threads", "--output", str(out / f"{name}.txt")],
-            stdout=subprocess.DEVNULL, stderr=open(out / f"{name}.log", "wb")))
+        with open(out / f"{name}.log", "wb") as log:  # the child keeps its own copy of the handle
+            spies.append(subprocess.Popen(
+                [spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds) - 1)), "--rate", "200",
+                 "--format", "raw", "--nonblocking", "--threads", "--output", str(out / f"{name}.txt")],
+                stdout=subprocess.DEVNULL, stderr=log))
     return spies
 
 
@@ -306,7 +307,10 @@ def main() -> int:
                         spies, profiled = profile(cpu0, args.seconds, args.profile), True
                     r = post_load(url, photo, kind[0], kind[1], clients, args.seconds, processes=min(clients, 4))
                     for spy in spies:
-                        spy.wait()
+                        try:
+                            spy.wait(timeout=60)
+                        except subprocess.TimeoutExpired:  # a stuck profiler costs its profile, not the run
+                            spy.kill()
                     r["load"], (r["cpu"], r["gpu"]) = load0, busy.stop()
                     # over the whole call (start-up of the clients included), per image finished in the window
                     r["cpu_ms"] = cpu_ms_per_image(cpu0, cpu_by_process(sessions), r["n"])

@@ -116,6 +116,23 @@ def quadrants(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(rgb[..., ::-1]), labels
 
 
+class FakeGpuImage:
+    """An image "in GPU memory" for tests without a GPU: a host array behind ``__cuda_array_interface__``, as
+    nvImageCodec's images carry it (``array``: the pixels, for a fake GPU run)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.shape = array, array.shape
+        self.__cuda_array_interface__ = {"shape": array.shape, "typestr": array.dtype.str.replace("<", "|")
+                                         if array.dtype.itemsize == 1 else array.dtype.str,
+                                         "data": (array.ctypes.data, False), "strides": None, "version": 3}
+
+
+def fake_gpu_decode(data: bytes) -> FakeGpuImage | None:
+    """What nvImageCodec gives for a JPEG, made with OpenCV: RGB, or None for what it cannot read."""
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return None if bgr is None else FakeGpuImage(np.ascontiguousarray(bgr[..., ::-1]))
+
+
 def png_bytes(bgr: np.ndarray) -> bytes:
     return cv2.imencode(".png", bgr)[1].tobytes()
 

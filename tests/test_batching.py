@@ -11,7 +11,7 @@ from app.serving.batching import Batcher
 from app.engines import load_model
 from app.serving.served import ServedModel
 
-from .models import decode_png, make_client, png_bytes, quadrants, rgb_model
+from .models import FakeGpuImage, decode_png, fake_gpu_decode, make_client, png_bytes, quadrants, rgb_model
 
 
 def test_batcher_gathers_and_routes_rows_back():
@@ -166,17 +166,19 @@ def test_gpu_decoded_jpegs_batch_in_the_warmed_shape_and_declined_ones_fall_back
     jpegs = [cv2.imencode(".png", p)[1].tobytes() for p, _ in cases]  # lossless, so answers are exact
     declined = {jpegs[1]}
     odd = cv2.imencode(".png", cv2.resize(photo, (96, 64)))[1].tobytes()  # "EXIF-rotated": not the model's size
+    deep = cv2.imencode(".png", photo.astype(np.uint16) * 256)[1].tobytes()  # decodes to 16 bits: not RGB uint8
     decodes, runs = [], []
 
     def fake_decode(datas):
         decodes.append(len(datas))
-        return [None if d in declined else cv2.cvtColor(cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR),
-                                                         cv2.COLOR_BGR2RGB) for d in datas]
+        return [None if d in declined else FakeGpuImage(np.ascontiguousarray(cv2.imdecode(
+            np.frombuffer(d, np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1])) if d == deep else fake_gpu_decode(d)
+            for d in datas]
 
     def fake_infer_on_gpu(images, rows=1):
         runs.append((len(images), rows))
-        return np.concatenate([model.infer(preprocess(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), model, (64, 64)))
-                               for rgb in images])
+        return np.concatenate([model.infer(preprocess(np.ascontiguousarray(im.array[..., ::-1]), model, (64, 64)))
+                               for im in images])
 
     monkeypatch.setattr(gpu_decode, "available", lambda: True)
     monkeypatch.setattr(gpu_decode, "warm", lambda h, w: None)
@@ -187,17 +189,53 @@ def test_gpu_decoded_jpegs_batch_in_the_warmed_shape_and_declined_ones_fall_back
     served = ServedModel.serve(model, batch_max=4, batch_wait_ms=40, gpu_decode_on=True)
     try:
         assert served.jpeg_batcher is not None
-        work = [(jpegs[i % 4], cases[i % 4][1]) for i in range(12)] + [(odd, None)] * 2
+        work = [(jpegs[i % 4], cases[i % 4][1]) for i in range(12)] + [(odd, None)] * 2 + [(deep, None)]
         with ThreadPoolExecutor(7) as pool:
             answers = list(pool.map(lambda item: served.infer_jpeg(item[0]), work))
         for (data, labels), answer in zip(work, answers):
-            if data in declined or data == odd:
+            if data in declined or data in (odd, deep):
                 assert answer is None
             else:
                 assert answer.shape == (1, 64, 64) and np.array_equal(answer[0], labels)
         stats = served.describe()["gpu_decode_batching"]
-        assert stats["images"] == 14 and stats["largest_batch"] > 1 and sum(decodes) == 14
+        assert stats["images"] == 15 and stats["largest_batch"] > 1 and sum(decodes) == 15
         assert runs and all(rows == 4 for _, rows in runs)  # every run in the one warmed batch shape
-        assert sum(n for n, _ in runs) == 9  # the 3 declined and 2 odd-sized were never run
+        assert sum(n for n, _ in runs) == 9  # the 3 declined, 2 odd-sized and 1 16-bit were never run
     finally:
         served.close()
+
+
+def test_a_batch_step_that_answers_too_few_fails_its_callers_instead_of_stranding_them():
+    b = Batcher(lambda items: items[:-1], max_batch=4, max_wait_ms=50)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(b.submit, i) for i in range(3)]
+            errors = [f.exception(timeout=10) for f in futures]
+        assert all(isinstance(e, RuntimeError) and "answered" in str(e) for e in errors), errors
+        with pytest.raises(RuntimeError, match="answered 0 of 1"):  # the thread lives on, and still checks
+            b.submit(7)
+    finally:
+        b.close()
+
+
+def test_gpu_decode_keeps_the_good_images_when_the_batch_call_fails(monkeypatch):
+    """nvImageCodec raising for a batch (one bad file in it) costs only that file: each is decoded alone then."""
+    import queue
+
+    from app.serving import gpu_decode
+
+    class Decoder:
+        def decode(self, src):
+            if isinstance(src, list):
+                raise RuntimeError("batch failed")
+            if src == b"bad":
+                raise RuntimeError("not a JPEG")
+            return f"image of {src.decode()}"
+
+    pool = queue.Queue()
+    pool.put(Decoder())
+    monkeypatch.setattr(gpu_decode, "_pool", pool)
+    monkeypatch.setattr(gpu_decode, "_created", gpu_decode.DECODERS_PER_PROCESS)  # no nvImageCodec needed
+    assert gpu_decode.decode([b"a", b"bad", b"c"]) == ["image of a", None, "image of c"]
+    assert gpu_decode.decode([b"bad"]) == [None]
+    assert pool.qsize() == 1  # the decoder went back to the pool each time

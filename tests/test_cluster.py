@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -197,6 +198,10 @@ def test_every_route_answers_as_the_embedded_service(cluster, tmp_path):
     assert models["default"] == "rgb" and "rgb" in models["loaded_here"]
     r = segment(cluster.url, data, model="nope")  # refused by the ingress before anything is routed
     assert r.status_code == 404 and "known models" in r.json()["detail"]
+    # A model replica without GPU decoding declines a JPEG sent to it (the ingress then decodes it itself).
+    handle = serve.get_deployment_handle("SegmentModel", app_name="segment").options(multiplexed_model_id="rgb")
+    labels, where = handle.infer_jpeg.remote(b"\xff\xd8 a JPEG").result(timeout_s=60)
+    assert labels is None and {"replica", "node"} <= set(where)
 
 
 def test_requests_land_on_both_nodes(cluster):
@@ -269,6 +274,63 @@ def test_the_fused_layout_serves_the_whole_app_in_each_replica(cluster):
         assert "raw" in httpx.get(f"{cluster.url}/fused/models", timeout=30).json()["loaded_here"]
     finally:
         serve.delete("fused")
+
+
+def test_the_ingress_sends_a_jpeg_to_a_gpu_decoding_replica_and_decodes_it_itself_when_declined(tmp_path):
+    """The split layout's JPEG path, with a stand-in for the model deployment's handle (no GPU here): a JPEG of the
+    model's size goes to ``infer_jpeg`` as its bytes; a replica that declines it (None), or that predates
+    ``infer_jpeg`` (a rolling update), gets the image decoded by the ingress through ``infer`` instead."""
+    import cv2
+    from ray.exceptions import RayTaskError
+
+    from app.cluster.remote import RemoteModel, RemoteServedModel
+    from app.core.config import Settings
+    from app.engines import load_model
+    from app.serving.pipeline import segment_bytes
+    from app.serving.served import ServedModel
+
+    local = ServedModel(load_model(raw_rgb_model(tmp_path / "raw.onnx")))
+    photo, truth = quadrants(64, 64)
+    jpeg = cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes()
+    where = {"replica": "r1", "node": "n1", "batch": 1}
+    calls, jpeg_answer = [], []
+
+    class Call:
+        def __init__(self, method):
+            self.method = method
+
+        def remote(self, *args):
+            calls.append(self.method)
+            if self.method == "infer":
+                answer = (local.infer(args[0]), where)
+            elif isinstance(jpeg_answer[0], Exception):
+                raise jpeg_answer[0]
+            else:
+                answer = (jpeg_answer[0], where)
+            return SimpleNamespace(result=lambda timeout_s: answer, cancel=lambda: None)
+
+    class Handle:
+        def options(self, multiplexed_model_id):
+            assert multiplexed_model_id == "raw"
+            return SimpleNamespace(infer=Call("infer"), infer_jpeg=Call("infer_jpeg"))
+
+    desc = {**local.describe(), "palette": local.palette.tolist(), "gpu_decode": True}
+    remote = RemoteServedModel(RemoteModel.from_description(desc, tmp_path / "raw.onnx", Handle(), Settings()))
+    assert remote.decodes_on_gpu
+    gone = AttributeError("'SegmentModel' object has no attribute 'infer_jpeg'")
+    for answer, expected_calls in ((truth[None], ["infer_jpeg"]), (None, ["infer_jpeg", "infer"]),
+                                   (RayTaskError("infer_jpeg", "", gone), ["infer_jpeg", "infer"])):
+        calls.clear()
+        jpeg_answer[:] = [answer]
+        seg = segment_bytes(remote, jpeg, 10**8, 4096, gpu_decode=True)
+        assert calls == expected_calls
+        assert (seg.labels == truth).mean() > 0.99  # the replica's labels, or the model's on the ingress's decode
+    calls.clear()
+    segment_bytes(remote, png_bytes(photo), 10**8, 4096, gpu_decode=True)  # not a JPEG: decoded on the ingress
+    assert calls == ["infer"]
+    jpeg_answer[:] = [RayTaskError("infer_jpeg", "", ValueError("boom"))]  # a real failure is not hidden
+    with pytest.raises(RayTaskError):
+        segment_bytes(remote, jpeg, 10**8, 4096, gpu_decode=True)
 
 
 def test_a_model_that_cannot_load_says_why_in_readyz(cluster):

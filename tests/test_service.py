@@ -6,7 +6,8 @@ import pytest
 from app.engines import OrtOptions
 from app.engines import load_model
 
-from .models import RGB_META, decode_png, make_client, png_bytes, quadrants, raw_rgb_model, rgb_model
+from .models import (RGB_META, decode_png, fake_gpu_decode, make_client, png_bytes, quadrants, raw_rgb_model,
+                     rgb_model)
 
 
 def post(client, data: bytes, **params):
@@ -319,9 +320,7 @@ def test_jpeg_at_the_model_size_takes_the_gpu_decode_path_and_everything_else_th
 
     def fake_decode(datas):
         decoded.extend(len(data) for data in datas)
-        return [None if decline else
-                cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_RGB2BGR)
-                for data in datas]
+        return [None if decline else fake_gpu_decode(data) for data in datas]
 
     monkeypatch.setattr(gpu_decode, "decode", fake_decode)
     photo, truth = quadrants(64, 64)
@@ -330,7 +329,7 @@ def test_jpeg_at_the_model_size_takes_the_gpu_decode_path_and_everything_else_th
         model = c.app.state.service.model
         model.__dict__["decodes_on_gpu"] = True
         monkeypatch.setattr(model.model, "infer_on_gpu", lambda images, rows=1: np.concatenate(
-            [model.infer(preprocess(rgb[..., ::-1], model, (64, 64))) for rgb in images]), raising=False)
+            [model.infer(preprocess(im.array[..., ::-1], model, (64, 64))) for im in images]), raising=False)
 
         def segment(data, name, **params):
             r = c.post("/segment", params={"view": "labels", **params}, files={"image": (name, data, "image/jpeg")})

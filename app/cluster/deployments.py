@@ -59,8 +59,8 @@ class LoadedModel(ServedModel):
 
 @serve.deployment(name=MODEL_DEPLOYMENT)
 class SegmentModel:
-    """Runs models on RGB uint8 images, batched with other requests for the same model; each answer names the
-    replica and node that ran it.
+    """Runs models on RGB uint8 images, or on JPEGs it decodes on the GPU, batched with other requests for the same
+    model; each answer names the replica and node that ran it.
 
     Batching is the embedded server's own (``ServedModel.serve``: ``batch_max``, ``batch_wait_ms``), not
     ``@serve.batch``: Ray 2.60's batcher closes a batch when its wait ends even while the previous batch still
@@ -146,8 +146,9 @@ class SegmentModel:
 
     async def infer_jpeg(self, data: bytes) -> tuple[np.ndarray | None, dict]:
         """Labels [1,H,W] for a JPEG of the model's size, decoded on the GPU in a batch with others (None when the
-        GPU decoder declines it: the ingress decodes it then); with the replica, node and batch size."""
-        return await self._run(lambda model, jpeg: infer_with_batch(model.infer_jpeg, jpeg), data)
+        GPU decoder declines it, or this replica does not decode on the GPU: the ingress decodes it then); with the
+        replica, node and batch size."""
+        return await self._run(self._labels_of_jpeg, data)
 
     async def _run(self, step, x) -> tuple:
         """``step(model, x)`` for this request's model in one of the replica's threads; ``model`` is released
@@ -169,6 +170,11 @@ class SegmentModel:
         labels, batch = await work
         return labels, {**self.served_by, "batch": batch.size if batch is not None else 1}
 
+    def _labels_of_jpeg(self, model: LoadedModel, jpeg: bytes):
+        if not (self.settings.gpu_decode and model.decodes_on_gpu):  # replicas may differ (nodes without a decoder)
+            return None, None
+        return infer_with_batch(model.infer_jpeg, jpeg)
+
     @staticmethod
     def _labels_of_pixels(model: LoadedModel, rgb: np.ndarray):
         """The model's own input from the RGB uint8 image the ingress sent (normalised NCHW for a float model,
@@ -185,7 +191,7 @@ def replica_settings() -> Settings:
 
 
 def max_ongoing(settings: Settings) -> int:
-    """Requests a model replica takes at once: 8 batches. Beyond it Serve's routers hold requests and retry with
+    """Requests a model replica takes at once: 8 batches, at least 32 requests. Beyond it Serve's routers hold requests and retry with
     back-off; measured on an H200 with batches of 8 and 32 clients: at 16 (two batches) the model call took 168
     ms and one replica served 160 img/s, at 64 it took 106 ms at 253 img/s, every batch full."""
     return max(32, 8 * settings.batch_max)

@@ -1,8 +1,9 @@
 """The ingress side of Ray mode: a model that runs in the model deployment, and the serving state that holds it.
 
 The FastAPI app, its routes and its pipeline are the embedded service's own: decode, resize and encode run in the
-ingress replica on CPU; only ``infer`` crosses to a model replica, with the image as RGB uint8 (a quarter of the
-bytes of the float tensor through Ray's object store). The model replica normalises it.
+ingress replica on CPU; only the model call crosses to a model replica: ``infer`` with the image as RGB uint8 (a
+quarter of the bytes of the float tensor through Ray's object store; the model replica normalises it), or, with
+GPU decoding, ``infer_jpeg`` with the JPEG's own bytes.
 """
 
 import contextvars
@@ -26,7 +27,7 @@ from ..serving.state import ServiceState
 
 log = logging.getLogger("segment.cluster")
 
-# Which replicas served the current request: set per request by ServedByMiddleware, filled by RemoteModel.infer
+# Which replicas served the current request: set per request by ServedByMiddleware, filled by RemoteModel.ask
 # (in a worker thread: the context is copied there, the dict is shared).
 SERVED_BY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("served_by", default=None)
 
@@ -118,7 +119,15 @@ class RemoteServedModel(ServedModel):
         self.decodes_on_gpu = bool(model.description.get("gpu_decode"))
 
     def infer_jpeg(self, data: bytes) -> np.ndarray | None:
-        return self.model.ask("infer_jpeg", data)
+        """Labels from a model replica that decoded the JPEG on the GPU; None (decode it here) when it declined,
+        or when it predates ``infer_jpeg`` (a rolling update from an older release)."""
+        try:
+            return self.model.ask("infer_jpeg", data)
+        except RayTaskError as exc:
+            if isinstance(exc.cause, AttributeError) and "infer_jpeg" in str(exc.cause):
+                log.warning("a model replica has no infer_jpeg (an older release): decoding on the ingress")
+                return None
+            raise
 
 
 class ClusterState(ServiceState):
@@ -175,7 +184,7 @@ class ServedByMiddleware:
                 headers = list(message.get("headers", []))
                 headers += [(b"x-ingress-replica", self.ingress["replica"].encode()),
                             (b"x-ingress-node", self.ingress["node"].encode())]
-                if self.fused:
+                if self.fused and any(name == b"x-model" for name, _ in headers):  # it ran a model here
                     record.update(self.ingress)
                 if record:
                     headers += [(b"x-model-replica", record["replica"].encode()),

@@ -55,7 +55,9 @@ class Settings(BaseSettings):
         False, description="CUDA waits sleep instead of spinning a CPU core (frees CPU when many workers share a GPU).")
     gpu_decode: bool = Field(
         False, description="JPEG uploads decoded on the GPU (nvImageCodec) for raw-pixel models on CUDA at their "
-                           "size. Run NVIDIA MPS with several workers: without it, decodes stalled for seconds.")
+                           "size; with SEGMENT_BATCH_MAX > 1, concurrent JPEGs are decoded and run as one batch. In "
+                           "Ray mode the model replica decodes them (the ingress sends the JPEG's bytes). Run NVIDIA "
+                           "MPS with several workers: without it, decodes stalled for seconds.")
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for admin routes. Empty or only whitespace counts as unset (admin routes off).")
     allow_unauthenticated_admin: bool = Field(

@@ -180,21 +180,21 @@ class OnnxRuntime:
 
     def run_bound(self, input_name: str, images: list, rows: int = 1) -> np.ndarray:
         """The first output for RGB uint8 [H,W,3] images of one size in GPU memory (``__cuda_array_interface__``),
-        run as one batch of ``rows`` (at least ``len(images)``) without a host copy: one image is bound as it is,
-        several are copied on the GPU into a batch buffer (rows past them hold earlier images; their outputs are
-        dropped). The caller holds the model's lock."""
+        run as one batch of ``rows`` (at least ``len(images)``) without a host copy: one unpadded image is bound as
+        it is, anything else is copied on the GPU into a batch buffer (rows past the images hold earlier ones; their
+        outputs are dropped). The caller holds the model's lock."""
         sess, cuda = self.runner.sess, cuda_runtime()
         binding = sess.io_binding()
         height, width, _ = images[0].shape
-        if len(images) == 1 and rows == 1:
+        row_bytes, size = width * 3, height * width * 3
+        faces = [image.__cuda_array_interface__ for image in images]
+        pitches = [face["strides"][0] if face.get("strides") else row_bytes for face in faces]  # rows may be padded
+        if len(images) == 1 and rows == 1 and pitches[0] == row_bytes:
             binding.bind_input(input_name, "cuda", self.device_index, np.uint8, [1, height, width, 3],
-                               images[0].__cuda_array_interface__["data"][0])
+                               faces[0]["data"][0])
         else:
             batch = self._batch_buffer(rows, height, width)
-            row_bytes, size = width * 3, height * width * 3
-            for i, image in enumerate(images):
-                face = image.__cuda_array_interface__
-                pitch = face["strides"][0] if face.get("strides") else row_bytes  # decoders may pad rows
+            for i, (face, pitch) in enumerate(zip(faces, pitches)):
                 # cudaMemcpy2D on the default stream, where the decoder wrote (cudaMemcpyDeviceToDevice = 3)
                 status = cuda.cudaMemcpy2D(ctypes.c_void_p(batch.data_ptr() + i * size), ctypes.c_size_t(row_bytes),
                                            ctypes.c_void_p(face["data"][0]), ctypes.c_size_t(pitch),

@@ -50,10 +50,11 @@ class Batcher:
     ``run`` takes a list of items of one kind (``kind(item)`` equal) and returns one answer per item, in order."""
 
     def __init__(self, run: Callable[[list], list], max_batch: int, max_wait_ms: float,
-                 on_batch: Callable[[int], None] | None = None, kind: Callable[[object], object] = lambda _: None):
+                 on_batch: Callable[[int], None] | None = None, kind: Callable[[object], object] = lambda _: None,
+                 fixed_batch: bool = False):
         self.run, self.kind, self.max_batch, self.max_wait = run, kind, max_batch, max_wait_ms / 1000.0
         self.on_batch = on_batch
-        self.fixed_batch = False
+        self.fixed_batch = fixed_batch  # every run has max_batch rows (said by stats; run does the padding)
         self.batches = self.images = self.largest = 0
         self._queue: queue.Queue = queue.Queue()
         self._closed, self._close_lock = False, threading.Lock()
@@ -77,9 +78,7 @@ class Batcher:
             out = infer(x)
             return [out[i:i + 1] for i in range(len(xs))]
 
-        batcher = cls(run, max_batch, max_wait_ms, on_batch, kind=lambda x: x.shape)
-        batcher.fixed_batch = fixed_batch
-        return batcher
+        return cls(run, max_batch, max_wait_ms, on_batch, kind=lambda x: x.shape, fixed_batch=fixed_batch)
 
     def submit(self, x):
         """Run ``x`` as part of the next batch; returns its own answer. RuntimeError once closed (a late caller
@@ -94,7 +93,8 @@ class Batcher:
         return out
 
     def stats(self) -> dict:
-        return {"max_batch": self.max_batch, "max_wait_ms": self.max_wait * 1000.0, "batches": self.batches,
+        return {"max_batch": self.max_batch, "max_wait_ms": self.max_wait * 1000.0, "fixed_batch": self.fixed_batch,
+                "batches": self.batches,
                 "images": self.images, "largest_batch": self.largest,
                 "mean_batch": self.images / self.batches if self.batches else 0.0}
 
@@ -140,6 +140,8 @@ class Batcher:
         try:
             start_ns = time.perf_counter_ns()
             outs = self.run([x for x, _ in group])
+            if len(outs) != len(group):  # a caller left without an answer would wait forever
+                raise RuntimeError(f"the batch step answered {len(outs)} of {len(group)} items")
         except Exception as exc:  # every caller of the batch learns of the failure; the thread goes on
             for _, fut in group:
                 fut.set_exception(exc)

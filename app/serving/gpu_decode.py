@@ -73,6 +73,13 @@ def decode(datas: list[bytes]) -> list:
         _pool.put(decoder)
 
 
+def is_rgb8(image, hw: tuple) -> bool:
+    """Whether a decoded image is RGB uint8 of height and width ``hw`` (EXIF rotation may swap the sides, and a
+    12-bit JPEG decodes to 16 bits)."""
+    face = image.__cuda_array_interface__
+    return tuple(face["shape"]) == (*hw, 3) and face["typestr"] == "|u1"
+
+
 def _one(decoder, data: bytes):
     try:
         return decoder.decode(data)

@@ -28,7 +28,7 @@ class ServedModel:
               gpu_decode_on: bool = False) -> "ServedModel":
         """Batching for a model with a dynamic batch dimension when ``batch_max`` > 1; with ``gpu_decode_on``, the
         GPU decoders of a model that can take their images warmed now, not on the first requests."""
-        batcher, costly = None, False
+        batcher = None
         if batch_max > 1 and model.batch_dynamic:
             costly = model.runtime.shape_change_is_costly
             if costly and not model.dynamic_hw:  # the one batch shape's first run (cuDNN's search) now, before a
@@ -37,10 +37,9 @@ class ServedModel:
         served = cls(model, batcher)
         if gpu_decode_on and served.decodes_on_gpu:
             gpu_decode.warm(*model.input_hw)
-            if batcher is not None:  # GPU-decoded JPEGs batch too, in the one warmed batch shape
-                rows = batch_max if costly else None
-                served.jpeg_batcher = Batcher(lambda datas: served.decode_and_infer(datas, rows), batch_max,
-                                              batch_wait_ms, on_batch)
+            if batcher is not None:  # GPU-decoded JPEGs batch too, in the one warmed batch shape (CUDA: costly)
+                served.jpeg_batcher = Batcher(lambda datas: served.decode_and_infer(datas, batch_max), batch_max,
+                                              batch_wait_ms, on_batch, fixed_batch=True)
         return served
 
     def __getattr__(self, name):  # the model's contract, meta, palette... (only called for what is not here)
@@ -62,10 +61,9 @@ class ServedModel:
 
     def decode_and_infer(self, datas: list[bytes], rows: int | None = None) -> list:
         """:meth:`infer_jpeg` for several JPEGs: one GPU decode, one model run of ``rows`` (default: as many as
-        decoded)."""
+        decoded). The batcher's counts include JPEGs declined here (they are answered None)."""
         images = gpu_decode.decode(datas)
-        good = [i for i, image in enumerate(images)
-                if image is not None and tuple(image.shape) == (*self.model.input_hw, 3)]
+        good = [i for i, image in enumerate(images) if image is not None and gpu_decode.is_rgb8(image, self.input_hw)]
         answers: list = [None] * len(datas)
         if good:
             labels = self.model.infer_on_gpu([images[i] for i in good], rows or len(good))
