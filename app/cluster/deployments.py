@@ -191,9 +191,10 @@ def replica_settings() -> Settings:
 
 
 def max_ongoing(settings: Settings) -> int:
-    """Requests a model replica takes at once: 8 batches, at least 32 requests. Beyond it Serve's routers hold requests and retry with
-    back-off; measured on an H200 with batches of 8 and 32 clients: at 16 (two batches) the model call took 168
-    ms and one replica served 160 img/s, at 64 it took 106 ms at 253 img/s, every batch full."""
+    """Requests a model replica takes at once: 8 batches, at least 32 requests. Beyond it Serve's routers hold
+    requests and retry with back-off; measured on an H200 with batches of 8 and 32 clients: at 16 (two batches)
+    the model call took 168 ms and one replica served 160 img/s, at 64 it took 106 ms at 253 img/s, every batch
+    full."""
     return max(32, 8 * settings.batch_max)
 
 
