@@ -8,16 +8,17 @@ Starts both at once on loopback: `segment serve` (``--embedded-workers`` process
 local Ray: ``--ingress-replicas`` CPU ingress replicas, ``--model-replicas`` model replicas with all the CPUs
 left, or ``--model-gpus`` of a GPU each with ``--gpu``; ``--haproxy`` puts Serve's HAProxy in front instead of its
 Python proxy; ``--servers ray`` runs Ray alone; ``--layout fused`` runs ``--model-replicas`` replicas of the whole
-app instead, each with its own runners, as the embedded server's workers). Then, in alternating rounds so that other load on the machine
-hits both alike, ``clients`` concurrent clients upload the sample photo (2048x1024 PNG, or a JPEG of it with
-``--jpeg``) to each for ``seconds``. Prints images/s, p50/p99 latency, the machine's CPU and GPU busy share, the
-mean batch in Ray mode, the Ray/embedded ratios, and where Ray's extra time goes from the responses'
-Server-Timing: the model call through the deployment handle (Ray's "inference" minus the embedded one) and the
-HTTP proxy hop plus the rest (the extra latency not inside the ingress's stages).
+app instead, each with its own runners, as the embedded server's workers). Then, in alternating rounds so that
+other load on the machine hits both alike, ``clients`` concurrent clients upload the sample photo (2048x1024 PNG,
+or a JPEG of it with ``--jpeg``) to each for ``seconds``. Prints images/s, p50/p99 latency, the machine's CPU
+and GPU busy share, the mean batch in Ray mode, the Ray/embedded ratios, and where Ray's extra time goes from the
+responses' Server-Timing: the model call through the deployment handle (Ray's "inference" minus the embedded one)
+and the HTTP proxy hop plus the rest (the extra latency not inside the ingress's stages).
 
 ``--gpu-decode`` decodes JPEGs of the model's size on the GPU in both servers (in Ray mode the ingress sends the
 JPEG's bytes and the model replica decodes a batch at once); before the load, each server's labels for the photo
-are compared with the first's. ``--profile DIR`` writes py-spy profiles of an ingress and a model replica (or a fused one).
+are compared with the first's. ``--profile DIR`` writes py-spy profiles of an ingress and a model replica (or a
+fused one).
 """
 
 import argparse
@@ -28,7 +29,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.core.resources import sample_image, seed_repository  # noqa: E402
 from app.engines.host import cpu_name  # noqa: E402
+from benchmarks.gpu_serving import Busy  # noqa: E402
 from benchmarks.loadgen import post_load  # noqa: E402
 from tests.server import free_port  # noqa: E402
 
@@ -115,39 +116,6 @@ def gpu_name() -> str:
         return f", {pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))}"
     except Exception:  # no NVIDIA driver or no pynvml: a CPU run
         return ""
-
-
-class Busy:
-    """The machine's CPU busy share (all cores, from /proc/stat) and GPU 0's mean utilisation (NVML, sampled every
-    0.2 s; NaN without a GPU) from now until ``stop``."""
-
-    def __init__(self):
-        self.cpu0, self.samples, self.done = self._cpu(), [], threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-
-    @staticmethod
-    def _cpu() -> tuple[int, int]:
-        fields = list(map(int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]))
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    def _sample(self) -> None:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            gpu = pynvml.nvmlDeviceGetHandleByIndex(0)
-        except Exception:
-            return
-        while not self.done.wait(0.2):
-            self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(gpu).gpu)
-
-    def stop(self) -> tuple[float, float]:
-        self.done.set()
-        self.thread.join()
-        (total1, idle1), (total0, idle0) = self._cpu(), self.cpu0
-        cpu = 100.0 * (1 - (idle1 - idle0) / max(1, total1 - total0))
-        return cpu, (sum(self.samples) / len(self.samples) if self.samples else float("nan"))
 
 
 def versions() -> str:
@@ -301,17 +269,19 @@ def main() -> int:
         for _ in range(args.rounds):
             for clients in map(int, args.clients.split(",")):
                 for name, url in urls.items():
-                    load0, busy, cpu0 = os.getloadavg()[0], Busy(), cpu_by_process(sessions)
+                    load0, cpu0 = os.getloadavg()[0], cpu_by_process(sessions)
                     spies = []
                     if args.profile and name == "ray" and not results.get((clients, name)) and not profiled:
                         spies, profiled = profile(cpu0, args.seconds, args.profile), True
-                    r = post_load(url, photo, kind[0], kind[1], clients, args.seconds, processes=min(clients, 4))
+                    with Busy() as busy:
+                        r = post_load(url, photo, kind[0], kind[1], clients, args.seconds,
+                                      processes=min(clients, 4))
                     for spy in spies:
                         try:
                             spy.wait(timeout=60)
                         except subprocess.TimeoutExpired:  # a stuck profiler costs its profile, not the run
                             spy.kill()
-                    r["load"], (r["cpu"], r["gpu"]) = load0, busy.stop()
+                    r["load"], r["cpu"], r["gpu"] = load0, busy.cpu_pct, busy.gpu_pct
                     # over the whole call (start-up of the clients included), per image finished in the window
                     r["cpu_ms"] = cpu_ms_per_image(cpu0, cpu_by_process(sessions), r["n"])
                     results.setdefault((clients, name), []).append(r)
