@@ -34,7 +34,7 @@ from ..core.errors import ServiceError
 from ..engines import OrtOptions, load_model
 from ..main import create_app
 from ..repository import ControlStore, open_repository
-from ..serving.batching import infer_with_batch
+from ..serving.batching import batch_size, infer_with_batch
 from ..serving.pipeline import preprocess
 from ..serving.served import ServedModel
 from ..serving.state import ServiceState, control_db_path
@@ -137,7 +137,7 @@ class SegmentModel:
         except Exception as exc:  # a load that failed in a way we did not foresee: still said, not hidden
             return {"error": f"{type(exc).__name__}: {exc}", "served_by": self.served_by}
         return {**model.describe(), "palette": model.palette.tolist(), "served_by": self.served_by,
-                "gpu_decode": self.settings.gpu_decode and model.decodes_on_gpu}
+                "gpu_decode": self._decodes_jpegs(model)}
 
     async def infer(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
         """Labels [1,H,W] for one RGB uint8 [1,H,W,3] image, run in a batch with others for the same model; with
@@ -168,10 +168,15 @@ class SegmentModel:
             model.release()
             raise
         labels, batch = await work
-        return labels, {**self.served_by, "batch": batch.size if batch is not None else 1}
+        return labels, {**self.served_by, "batch": batch_size(batch)}
+
+    def _decodes_jpegs(self, model: LoadedModel) -> bool:
+        """Whether this replica decodes ``model``'s JPEGs on the GPU (replicas may differ: nodes without a
+        decoder)."""
+        return self.settings.gpu_decode and model.decodes_on_gpu
 
     def _labels_of_jpeg(self, model: LoadedModel, jpeg: bytes):
-        if not (self.settings.gpu_decode and model.decodes_on_gpu):  # replicas may differ (nodes without a decoder)
+        if not self._decodes_jpegs(model):
             return None, None
         return infer_with_batch(model.infer_jpeg, jpeg)
 

@@ -37,6 +37,11 @@ def last_batch() -> BatchRun | None:
     return run
 
 
+def batch_size(run: BatchRun | None) -> int:
+    """The images in the runner call an image ran in: its batch's, or 1 where no batcher ran it."""
+    return run.size if run is not None else 1
+
+
 def infer_with_batch(infer: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> tuple[np.ndarray, BatchRun | None]:
     """``infer(x)`` and the batch it ran in (None when no batcher ran it)."""
     last_batch()  # forget one this thread ran earlier, for another caller

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 
 from ..engines import SegmentationModel
-from .batching import BatchRun, infer_with_batch
+from .batching import BatchRun, batch_size, infer_with_batch
 from .imaging import check_header, colorize, decode_pixels, encode_indexed_png, encode_png, jpeg_complete, overlay
 
 VIEWS = ("mask", "overlay", "labels")
@@ -116,7 +116,7 @@ def segment_bytes(model: SegmentationModel, data: bytes, max_pixels: int, max_si
         if labels is not None:  # decoded and segmented on the GPU: one stage, "inference"
             watch.lap("inference")
             return Segmentation(image=None, labels=labels[0], timings=watch.timings, spans=batch_spans(watch, batch),
-                                batch_size=batch.size if batch is not None else 1)
+                                batch_size=batch_size(batch))
     image = decode_pixels(data, fmt)
     watch.lap("decode")
     seg = segment_image(model, image, max_side)
@@ -138,7 +138,7 @@ def segment_image(model: SegmentationModel, image: np.ndarray, max_side: int = 2
     labels = restore_size(labels, height, width)
     watch.lap("postprocess")
     return Segmentation(image=image, labels=labels, timings=watch.timings, spans=watch.spans,
-                        batch_size=batch.size if batch is not None else 1)
+                        batch_size=batch_size(batch))
 
 
 def batch_spans(watch: Stopwatch, batch: BatchRun | None) -> list:
