@@ -122,8 +122,7 @@ class FakeGpuImage:
 
     def __init__(self, array: np.ndarray):
         self.array, self.shape = array, array.shape
-        self.__cuda_array_interface__ = {"shape": array.shape, "typestr": array.dtype.str.replace("<", "|")
-                                         if array.dtype.itemsize == 1 else array.dtype.str,
+        self.__cuda_array_interface__ = {"shape": array.shape, "typestr": array.dtype.str,  # '|u1' for uint8
                                          "data": (array.ctypes.data, False), "strides": None, "version": 3}
 
 
