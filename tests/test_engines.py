@@ -201,6 +201,29 @@ def test_polygraphy_loader_wiring(tmp_path):
     assert tuple(profile["input_image"].max) == (8, 3, 256, 512)
 
 
+def test_blocking_cuda_sync_says_why_it_is_not_in_effect(monkeypatch):
+    """SEGMENT_CUDA_BLOCKING_SYNC is only worth its name when the CUDA runtime takes the flag: a refusal, or no
+    runtime at all, comes back as a reason (logged as a warning when a session is made) instead of passing
+    silently."""
+    from app.engines import onnxrt
+
+    class Runtime:
+        def __init__(self, status):
+            self.status, self.flags = status, []
+
+        def cudaSetDeviceFlags(self, flags):  # noqa: N802 (the CUDA runtime's name)
+            self.flags.append(flags)
+            return self.status
+
+    accepting, refusing = Runtime(0), Runtime(708)
+    monkeypatch.setattr(onnxrt, "cuda_runtime", lambda: accepting)
+    assert onnxrt.cuda_blocking_sync() is None and accepting.flags == [0x04]  # cudaDeviceScheduleBlockingSync
+    monkeypatch.setattr(onnxrt, "cuda_runtime", lambda: refusing)
+    assert onnxrt.cuda_blocking_sync() == "cudaSetDeviceFlags failed with CUDA error 708"
+    monkeypatch.setattr(onnxrt, "cuda_runtime", lambda: None)
+    assert "no CUDA runtime" in onnxrt.cuda_blocking_sync()
+
+
 def test_profile_contradicting_fixed_input_is_refused(tmp_path):
     onnx_path = rgb_model(tmp_path / "m.onnx", height=64, width=64)
     with pytest.raises(ValueError, match="contradicts"):

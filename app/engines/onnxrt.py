@@ -55,11 +55,14 @@ def cuda_runtime():
     return None
 
 
-def cuda_blocking_sync() -> bool:
-    """Make this process's waits for the GPU sleep rather than spin (``cudaDeviceScheduleBlockingSync``); it
-    takes effect only before the process's first CUDA context, i.e. before its first session."""
+def cuda_blocking_sync() -> str | None:
+    """Make this process's waits for the GPU sleep rather than spin (``cudaDeviceScheduleBlockingSync``, set
+    before its first session); None when set, else why not."""
     runtime = cuda_runtime()
-    return runtime is not None and runtime.cudaSetDeviceFlags(0x04) == 0
+    if runtime is None:
+        return "no CUDA runtime library (libcudart) was found"
+    status = runtime.cudaSetDeviceFlags(0x04)
+    return None if status == 0 else f"cudaSetDeviceFlags failed with CUDA error {status}"
 
 
 class OrtSessionLoader(BaseLoader):
@@ -91,8 +94,10 @@ class OrtSessionLoader(BaseLoader):
             # onnxruntime-gpu finds CUDA and cuDNN from the nvidia-* pip packages only once they are loaded;
             # without this the CUDA provider silently falls back to CPU (or needs `import torch` first).
             ort.preload_dlls()
-            if self.options.cuda_blocking_sync and not cuda_blocking_sync():
-                log.debug("blocking CUDA sync not set (a CUDA context already exists in this process)")
+            refused = self.options.cuda_blocking_sync and cuda_blocking_sync()
+            if refused:  # said, since spinning waits cost a CPU core each (docs/gpu.md)
+                log.warning("SEGMENT_CUDA_BLOCKING_SYNC is on but not in effect in this process (%s): its waits for "
+                            "the GPU spin a CPU core", refused)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.options.threads:
@@ -154,7 +159,7 @@ class OnnxRuntime:
     def __init__(self, path: Path, options: OrtOptions = OrtOptions()):
         self.runner = NumpyOnnxrtRunner(OrtSessionLoader(path, options), name=path.stem)
         self.device_index = options.cuda_device
-        self._batch: tuple = (None, None)  # (rows, height, width) and the GPU buffer batches are copied into
+        self._bound: tuple = (None, None, None)  # (input, rows, height, width), the GPU batch buffer, its binding
 
     def device_bytes(self) -> None:
         """ONNX Runtime does not say what its CUDA provider allocated: the process's GPU memory is read around the
@@ -180,41 +185,44 @@ class OnnxRuntime:
 
     def run_bound(self, input_name: str, images: list, rows: int = 1) -> np.ndarray:
         """The first output for RGB uint8 [H,W,3] images of one size in GPU memory (``__cuda_array_interface__``),
-        run as one batch of ``rows`` (at least ``len(images)``) without a host copy: one unpadded image is bound as
-        it is, anything else is copied on the GPU into a batch buffer (rows past the images hold earlier ones; their
-        outputs are dropped). The caller holds the model's lock."""
-        sess, cuda = self.runner.sess, cuda_runtime()
-        binding = sess.io_binding()
+        run as one batch of ``rows`` (at least ``len(images)``) without a host copy: each is copied on the GPU into
+        a batch buffer bound to the session once (rows past the images hold earlier ones; their outputs are
+        dropped). The caller holds the model's lock.
+
+        Every wait on the GPU here is in a call that releases the GIL. Binding the input anew for each call did not:
+        ONNX Runtime's ``bind_input`` holds the GIL while it readies the input on the device, and on the H200 with
+        16 processes sharing the GPU it held it for about half of a process's time, stalling that process's other
+        requests (decode, encode, the event loop; docs/ray.md)."""
+        cuda = cuda_runtime()
         height, width, _ = images[0].shape
+        batch, binding = self._binding(input_name, rows, height, width)
         row_bytes, size = width * 3, height * width * 3
-        faces = [image.__cuda_array_interface__ for image in images]
-        pitches = [face["strides"][0] if face.get("strides") else row_bytes for face in faces]  # rows may be padded
-        if len(images) == 1 and rows == 1 and pitches[0] == row_bytes:
-            binding.bind_input(input_name, "cuda", self.device_index, np.uint8, [1, height, width, 3],
-                               faces[0]["data"][0])
-        else:
-            batch = self._batch_buffer(rows, height, width)
-            for i, (face, pitch) in enumerate(zip(faces, pitches)):
-                # cudaMemcpy2D on the default stream, where the decoder wrote (cudaMemcpyDeviceToDevice = 3)
-                status = cuda.cudaMemcpy2D(ctypes.c_void_p(batch.data_ptr() + i * size), ctypes.c_size_t(row_bytes),
-                                           ctypes.c_void_p(face["data"][0]), ctypes.c_size_t(pitch),
-                                           ctypes.c_size_t(row_bytes), ctypes.c_size_t(height), 3)
-                if status != 0:
-                    raise RuntimeError(f"cudaMemcpy2D into the batch failed (CUDA error {status})")
-            binding.bind_ortvalue_input(input_name, batch)
-        binding.bind_output(sess.get_outputs()[0].name, "cpu")
-        # The decoder wrote the images on CUDA's default stream, ONNX Runtime reads on its own: wait for it.
+        for i, image in enumerate(images):
+            face = image.__cuda_array_interface__
+            pitch = face["strides"][0] if face.get("strides") else row_bytes  # rows may be padded
+            # cudaMemcpy2D on the default stream, where the decoder wrote (cudaMemcpyDeviceToDevice = 3)
+            status = cuda.cudaMemcpy2D(ctypes.c_void_p(batch.data_ptr() + i * size), ctypes.c_size_t(row_bytes),
+                                       ctypes.c_void_p(face["data"][0]), ctypes.c_size_t(pitch),
+                                       ctypes.c_size_t(row_bytes), ctypes.c_size_t(height), 3)
+            if status != 0:
+                raise RuntimeError(f"cudaMemcpy2D into the batch failed (CUDA error {status})")
+        # The decoder and the copies ran on CUDA's default stream, ONNX Runtime reads on its own: wait for them.
         cuda.cudaStreamSynchronize(None)
-        sess.run_with_iobinding(binding)
+        self.runner.sess.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0][:len(images)]
 
-    def _batch_buffer(self, rows: int, height: int, width: int):
-        """The GPU buffer that batches of ``rows`` images are copied into, kept for the next batch (one per size)."""
+    def _binding(self, input_name: str, rows: int, height: int, width: int) -> tuple:
+        """The GPU buffer that batches of ``rows`` images are copied into, and the session's binding of it as the
+        input (the output to the host), kept for the next batch (one size at a time)."""
         import onnxruntime as ort
 
-        key = (rows, height, width)
-        if self._batch[0] != key:
+        key = (input_name, rows, height, width)
+        if self._bound[0] != key:
+            sess = self.runner.sess
             value = ort.OrtValue.ortvalue_from_shape_and_type([rows, height, width, 3], np.uint8, "cuda",
                                                               self.device_index)
-            self._batch = (key, value)
-        return self._batch[1]
+            binding = sess.io_binding()
+            binding.bind_ortvalue_input(input_name, value)
+            binding.bind_output(sess.get_outputs()[0].name, "cpu")
+            self._bound = (key, value, binding)
+        return self._bound[1:]
