@@ -17,8 +17,8 @@ and the HTTP proxy hop plus the rest (the extra latency not inside the ingress's
 
 ``--gpu-decode`` decodes JPEGs of the model's size on the GPU in both servers (in Ray mode the ingress sends the
 JPEG's bytes and the model replica decodes a batch at once); before the load, each server's labels for the photo
-are compared with the first's. ``--profile DIR`` writes py-spy profiles of an ingress and a model replica (or a
-fused one).
+are compared with the first's. ``--profile DIR`` writes py-spy profiles of the busiest embedded worker, ingress,
+model and fused replica: the threads at work, and the thread holding the GIL.
 """
 
 import argparse
@@ -80,6 +80,8 @@ def stop(proc: subprocess.Popen) -> None:
 RAY_ROLES = (("SegmentIngress", "ingress replicas"), ("SegmentModel", "model replicas"),
              ("SegmentServer", "fused replicas"),
              ("ProxyActor", "Serve proxy"), ("haproxy", "HAProxy"))
+RAY_PROFILED = ("ingress replicas", "model replicas", "fused replicas")
+SPY_HZ = 200  # py-spy's samples a second
 
 
 def cpu_by_process(sessions: dict[int, str]) -> dict[int, tuple[str, float]]:
@@ -126,31 +128,39 @@ def versions() -> str:
     return f"ray {ray.__version__}, onnxruntime {onnxruntime.__version__}, fastapi {fastapi.__version__}"
 
 
-def profile(processes: dict, seconds: float, out: Path) -> list[subprocess.Popen]:
-    """py-spy recording the first ingress and model replica of ``processes`` (``cpu_by_process``) for ``seconds``
-    (raw collapsed stacks, native frames too, the process never paused), one file per role in ``out``."""
+def spied(seconds: float) -> int:
+    """Seconds a profile records of a load point of ``seconds`` (one less: it starts with the load)."""
+    return max(1, int(seconds) - 1)
+
+
+def profile(processes: dict, roles: tuple, seconds: float, out: Path) -> list[subprocess.Popen]:
+    """py-spy recording, for ``seconds``, the busiest process so far of each of ``roles`` (``cpu_by_process``: an
+    embedded worker rather than its supervisor): one profile of the threads at work (``<role>.txt``) and one of
+    the thread holding the GIL (``<role>-gil.txt``), raw collapsed stacks, the process never paused."""
     out.mkdir(parents=True, exist_ok=True)
     spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if spy is None:
         print("no py-spy here (pip install py-spy): no profiles", flush=True)
         return []
     spies = []
-    for role in ("ingress replicas", "model replicas", "fused replicas"):
-        pid = next((pid for pid, (r, _) in processes.items() if r == role), None)
-        if pid is None:
+    for role in roles:
+        found = [(seconds_so_far, pid) for pid, (r, seconds_so_far) in processes.items() if r == role]
+        if not found:
             continue
-        name = role.split()[0]
-        with open(out / f"{name}.log", "wb") as log:  # the child keeps its own copy of the handle
-            spies.append(subprocess.Popen(
-                [spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds) - 1)), "--rate", "200",
-                 "--format", "raw", "--nonblocking", "--threads", "--output", str(out / f"{name}.txt")],
-                stdout=subprocess.DEVNULL, stderr=log))
+        pid, name = max(found)[1], role.split()[0]
+        for suffix, extra in (("", []), ("-gil", ["--gil"])):
+            with open(out / f"{name}{suffix}.log", "wb") as log:  # the child keeps its own copy of the handle
+                spies.append(subprocess.Popen(
+                    [spy, "record", "--pid", str(pid), "--duration", str(spied(seconds)), "--rate", str(SPY_HZ),
+                     "--format", "raw", "--nonblocking", "--threads", *extra,
+                     "--output", str(out / f"{name}{suffix}.txt")],
+                    stdout=subprocess.DEVNULL, stderr=log))
     return spies
 
 
-def print_profiles(out: Path, top: int = 10) -> None:
+def print_profiles(out: Path, seconds: float, top: int = 10) -> None:
     """Each profile's busiest frames: by samples in the frame itself, and by samples under each of the service's
-    own functions (``app/``)."""
+    own functions (``app/``); for a GIL profile, also the share of the time some thread held the GIL."""
     for path in sorted(out.glob("*.txt")):
         own, under, total = {}, {}, 0
         for line in path.read_text().splitlines():
@@ -162,7 +172,9 @@ def print_profiles(out: Path, top: int = 10) -> None:
             own[frames[-1]] = own.get(frames[-1], 0) + int(count)
             for frame in set(f for f in frames if "app/" in f):
                 under[frame] = under.get(frame, 0) + int(count)
-        print(f"\npy-spy, {path.stem} replica: {total} samples; most in the frame itself:")
+        held = (f", the GIL held {100 * total / (SPY_HZ * spied(seconds)):.0f}% of the time"
+                if path.stem.endswith("-gil") else "")
+        print(f"\npy-spy, {path.stem}: {total} samples at {SPY_HZ} Hz{held}; most in the frame itself:")
         for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
             print(f"  {100 * n / total:5.1f}%  {frame}")
         print("  under the service's own functions:")
@@ -184,6 +196,13 @@ def agree(urls: dict, photo: bytes, kind: tuple) -> None:
     for name in rest:
         print(f"labels of {name} equal to {first}'s on {(answers[name] == answers[first]).mean():.4%} of pixels",
               flush=True)
+
+
+def leave(*_) -> None:
+    """SIGTERM: leave through ``main``'s finally, which stops the servers; a second SIGTERM (``timeout`` and the
+    shell may both send one) must not cut that short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(143)
 
 
 def main() -> int:
@@ -214,9 +233,13 @@ def main() -> int:
                     help="SEGMENT_GPU_DECODE=1 for both servers: JPEGs of the model's size decoded on the GPU (in Ray "
                          "mode by the model replica, in batches)")
     ap.add_argument("--profile", type=Path,
-                    help="write py-spy profiles (raw collapsed stacks) of one ingress and one model replica during "
-                         "Ray's first load point into this folder")
+                    help="write py-spy profiles (raw collapsed stacks: threads at work, and the GIL's holder) of the "
+                         "busiest embedded worker, ingress, model and fused replica during each server's first load "
+                         "point into this folder")
     args = ap.parse_args()
+    # `timeout` ends a run with SIGTERM. The servers run in sessions of their own, so only the finally below stops
+    # them: a Ray left running holds its ports (HAProxy's 8404 and 9101) and fails the next run.
+    signal.signal(signal.SIGTERM, leave)
 
     tmp = Path(tempfile.mkdtemp(prefix="rvb"))
     engines = args.models or tmp / "engines"
@@ -265,14 +288,16 @@ def main() -> int:
                 httpx.post(f"{url}/segment", files={"image": (*kind[:1], photo, kind[1])}, timeout=120)
         agree(urls, photo, kind)
         results: dict = {}
-        profiled = False
+        profiled: set[str] = set()
         for _ in range(args.rounds):
             for clients in map(int, args.clients.split(",")):
                 for name, url in urls.items():
                     load0, cpu0 = os.getloadavg()[0], cpu_by_process(sessions)
                     spies = []
-                    if args.profile and name == "ray" and not results.get((clients, name)) and not profiled:
-                        spies, profiled = profile(cpu0, args.seconds, args.profile), True
+                    if args.profile and name not in profiled:  # each server's first point
+                        profiled.add(name)
+                        roles = ("embedded server",) if name == "embedded" else RAY_PROFILED
+                        spies = profile(cpu0, roles, args.seconds, args.profile)
                     with Busy() as busy:
                         r = post_load(url, photo, kind[0], kind[1], clients, args.seconds,
                                       processes=min(clients, 4))
@@ -311,7 +336,7 @@ def main() -> int:
                   f"{ray_r['p50'] / emb['p50']:.2f}x (+{extra:.1f} ms): the model call through the handle "
                   f"+{hop:.1f} ms, the proxy hop and the rest +{extra - inside:.1f} ms")
         if args.profile:
-            print_profiles(args.profile)
+            print_profiles(args.profile, args.seconds)
         print("\nraw:", json.dumps({f"{c}:{n}": {k: v for k, v in r.items() if k != "errors"}
                                      for (c, n), r in summary.items()}))
     except Exception:
