@@ -29,12 +29,14 @@ def cmd_serve(args) -> int:
     from .core.resources import seed_repository
 
     settings = get_settings()
+    if args.address and not args.ray:
+        raise fail("--address joins a Ray cluster: use it with --ray")
+    # Once, before the workers (or a local Ray's replicas) start and open the control store there. An object-store
+    # repository is the operator's to fill, and so is a cluster's that this machine only joins.
+    if not is_uri(settings.engines_dir) and not args.address:
+        seed_repository(settings.engines_dir)
     if args.ray:
         return serve_on_ray(settings, args)
-    if args.address:
-        raise fail("--address joins a Ray cluster: use it with --ray")
-    if not is_uri(settings.engines_dir):  # an object-store repository is the operator's to fill
-        seed_repository(settings.engines_dir)  # once, before the workers start and open the control store there
     workers, metrics_dir = args.workers or settings.workers, None
     if workers > 1:
         # The worker processes read both at start-up: their settings, and where Prometheus values are shared.

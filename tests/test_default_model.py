@@ -32,6 +32,24 @@ def test_default_model_ships_and_is_described():
     assert Settings().engines_dir == Path("engines") and Settings().model == DEFAULT_MODEL
 
 
+def test_an_empty_repository_is_filled_even_when_the_control_store_came_first(tmp_path):
+    """A fresh repository gets the bundled models even if another process of the service opened its control store
+    there first (a Ray model replica starting beside the ingress did); one with a model of its own is left alone."""
+    from app.core.resources import seed_repository
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".control.db").write_bytes(b"")
+    assert seed_repository(fresh)
+    assert (fresh / f"{DEFAULT_MODEL}.onnx").read_bytes() == (BUNDLED / f"{DEFAULT_MODEL}.onnx").read_bytes()
+    assert not list(fresh.glob("*.seeding")) and not list(fresh.glob(".*.seeding"))
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "mine.onnx").write_bytes(b"not the bundled model")
+    assert not seed_repository(kept) and sorted(p.name for p in kept.iterdir()) == ["mine.onnx"]
+
+
 def test_bisenetv1_ships_beside_the_default():
     """A BiSeNetV1 trained from scratch, with its card; its honest (train-only) val score is recorded."""
     path = ENGINES / "camvid_bisenetv1.onnx"

@@ -35,15 +35,18 @@ def seed_repository(root: Path) -> bool:
     """Fill a missing or empty model repository (a fresh install, a new container volume) with the bundled models;
     True if it did.
 
-    A folder with anything in it is left alone, so a model the operator deleted does not come back. Each file is
-    copied under a hidden name and renamed, metadata before model, so a crash never lists a half-written model."""
-    if root.exists() and any(root.iterdir()):
+    A folder with a model or any other visible file in it is left alone, so a model the operator deleted does not
+    come back. Hidden files do not count: the control store (``.control.db``) and locks that another process of the
+    service may create there first (a Ray model replica starting beside the ingress did, and the repository stayed
+    empty). Each file is copied under a hidden name of this process and renamed, metadata before model, so a crash
+    never lists a half-written model and two processes seeding at once each rename whole files."""
+    if root.exists() and any(not entry.name.startswith(".") for entry in root.iterdir()):
         return False
     root.mkdir(parents=True, exist_ok=True)
     bundled = sorted(bundled_models().iterdir(), key=lambda p: (p.suffix == ".onnx", p.name))
     for item in bundled:
         if item.suffix in (".onnx", ".json", ".md"):
-            tmp = root / f".{item.name}.seeding"
+            tmp = root / f".{item.name}.{os.getpid()}.seeding"
             shutil.copyfile(item, tmp)
             os.replace(tmp, root / item.name)
     log.info("filled the empty model repository %s with the bundled models", root)
