@@ -333,6 +333,34 @@ def test_the_ingress_sends_a_jpeg_to_a_gpu_decoding_replica_and_decodes_it_itsel
         segment_bytes(remote, jpeg, 10**8, 4096, gpu_decode=True)
 
 
+def test_an_ingress_whose_start_fails_says_why_in_readyz(tmp_path):
+    """A start-up that fails in a way nobody foresaw (here the handle refuses calls from the start-up thread, as
+    Serve's throughput-optimized mode made it) is said by /readyz and the log, not lost with the thread: before,
+    /readyz answered "not started" for ever."""
+    from fastapi.testclient import TestClient
+
+    from app.cluster.remote import ClusterState
+    from app.core.config import Settings
+    from app.main import create_app
+
+    class Handle:
+        is_initialized = True  # initialised elsewhere: ClusterState leaves it as it is
+
+        def options(self, **_):
+            raise RuntimeError("No event loop running")
+
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    rgb_model(engines / "rgb.onnx")
+    settings = Settings(engines_dir=engines, model="rgb", results_dir=tmp_path / "results")
+    with TestClient(create_app(settings, ClusterState(settings, Handle()))) as client:
+        deadline = time.monotonic() + 30
+        while "could not start" not in (r := client.get("/readyz")).text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert r.status_code == 503
+        assert r.json()["detail"] == "the ingress could not start: RuntimeError: No event loop running"
+
+
 def test_a_model_that_cannot_load_says_why_in_readyz(cluster):
     cluster.deploy("broken", "/broken", model="broken", ray_min_replicas=1, ray_max_replicas=1,
                    control_db=cluster.tmp / "broken.db")  # its own control store: another default

@@ -140,7 +140,13 @@ class ClusterState(ServiceState):
 
     def __init__(self, settings: Settings, handle):
         super().__init__(settings)
+        # Every call to the model deployment blocks a worker thread (``ask``). Serve's throughput-optimized mode
+        # (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0) would put the handle's router on the replica's event loop,
+        # which refuses calls from other threads ("No event loop running"): keep it on Serve's router thread.
+        if not handle.is_initialized:
+            handle._init(_run_router_in_separate_loop=True)
         self.handle = handle
+        self.start_error: str | None = None
 
     def load(self, name: str) -> ServedModel:
         """The model ``name`` as the model deployment serves it; ModelError saying why when it cannot."""
@@ -159,8 +165,19 @@ class ClusterState(ServiceState):
                              f"cannot serve {name!r}: {desc['error']}")
         return RemoteServedModel(RemoteModel.from_description(desc, path, self.handle, self.settings))
 
+    @property
+    def problem(self) -> str | None:
+        return self.start_error or super().problem
+
     def start(self) -> None:
-        threading.Thread(target=super().start, name="cluster-start", daemon=True).start()
+        threading.Thread(target=self._start, name="cluster-start", daemon=True).start()
+
+    def _start(self) -> None:
+        try:
+            super().start()
+        except Exception as exc:  # said by /readyz and the log, not lost with the thread
+            log.exception("the ingress could not start")
+            self.start_error = f"the ingress could not start: {type(exc).__name__}: {exc}"
 
 
 class ServedByMiddleware:
