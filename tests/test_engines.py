@@ -17,7 +17,7 @@ from app.builds.options import BuildOptions, BuildRequest
 from app.core.metadata import ModelMeta
 from app.engines import tensorrt_available
 
-from .models import RGB_META, argmin_model, decode_png, make_client, png_bytes, quadrants, rgb_model
+from .models import RGB_META, argmin_model, decode_png, make_client, png_bytes, quadrants, raw_rgb_model, rgb_model
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -222,6 +222,30 @@ def test_blocking_cuda_sync_says_why_it_is_not_in_effect(monkeypatch):
     assert onnxrt.cuda_blocking_sync() == "cudaSetDeviceFlags failed with CUDA error 708"
     monkeypatch.setattr(onnxrt, "cuda_runtime", lambda: None)
     assert "no CUDA runtime" in onnxrt.cuda_blocking_sync()
+
+
+def test_the_bound_gpu_batch_is_kept_between_calls_and_dropped_at_close(tmp_path, monkeypatch):
+    """``run_bound``'s batch buffer and binding are made once per batch shape and reused; ``close`` drops them,
+    since the binding holds the session (and its GPU memory) until a garbage collection that may never come. The
+    buffer is made on the CPU here (no GPU); the binding is ONNX Runtime's own."""
+    import onnxruntime as ort
+
+    from app.engines import OrtOptions, load_model
+
+    made = ort.OrtValue.ortvalue_from_shape_and_type
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_shape_and_type",
+                        lambda shape, dtype, device, index: made(shape, dtype, "cpu", 0))
+    model = load_model(raw_rgb_model(tmp_path / "raw.onnx", 64, 96), ort=OrtOptions(providers="cpu"))
+    runtime = model.runtime
+    first = runtime._binding(model.input_name, 4, 64, 96)
+    assert runtime._binding(model.input_name, 4, 64, 96) == first  # the same buffer and binding again
+    assert first[0].shape() == [4, 64, 96, 3]
+    other = runtime._binding(model.input_name, 8, 64, 96)
+    assert other[0] is not first[0] and other[0].shape() == [8, 64, 96, 3]
+    with pytest.raises(ValueError, match="9 images for a batch of 8"):
+        runtime.run_bound(model.input_name, [None] * 9, rows=8)
+    model.close()
+    assert runtime._bound == (None, None, None)
 
 
 def test_profile_contradicting_fixed_input_is_refused(tmp_path):

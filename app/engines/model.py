@@ -28,6 +28,8 @@ class Backend(Protocol):
 
     def run_bound(self, input_name: str, images: list, rows: int = 1) -> np.ndarray: ...
 
+    def release(self) -> None: ...  # what run_bound kept between calls, at close
+
 
 def _dim(value) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
@@ -174,5 +176,6 @@ class SegmentationModel:
     def close(self) -> None:
         """Deactivate the runner, releasing its session or engine."""
         with self._lock:
+            self.runtime.release()
             if getattr(self.runtime.runner, "is_active", False):
                 self.runtime.runner.deactivate()

@@ -90,10 +90,11 @@ class OrtSessionLoader(BaseLoader):
         import onnxruntime as ort
 
         providers = self.resolved_providers()
-        if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
-            # onnxruntime-gpu finds CUDA and cuDNN from the nvidia-* pip packages only once they are loaded;
-            # without this the CUDA provider silently falls back to CPU (or needs `import torch` first).
-            ort.preload_dlls()
+        if "CUDAExecutionProvider" in providers:
+            if hasattr(ort, "preload_dlls"):
+                # onnxruntime-gpu finds CUDA and cuDNN from the nvidia-* pip packages only once they are loaded;
+                # without this the CUDA provider silently falls back to CPU (or needs `import torch` first).
+                ort.preload_dlls()
             refused = self.options.cuda_blocking_sync and cuda_blocking_sync()
             if refused:  # said, since spinning waits cost a CPU core each (docs/gpu.md)
                 log.warning("SEGMENT_CUDA_BLOCKING_SYNC is on but not in effect in this process (%s): its waits for "
@@ -193,6 +194,8 @@ class OnnxRuntime:
         ONNX Runtime's ``bind_input`` holds the GIL while it readies the input on the device, and on the H200 with
         16 processes sharing the GPU it held it for about half of a process's time, stalling that process's other
         requests (decode, encode, the event loop; docs/ray.md)."""
+        if len(images) > rows:
+            raise ValueError(f"{len(images)} images for a batch of {rows}")
         cuda = cuda_runtime()
         height, width, _ = images[0].shape
         batch, binding = self._binding(input_name, rows, height, width)
@@ -210,6 +213,11 @@ class OnnxRuntime:
         cuda.cudaStreamSynchronize(None)
         self.runner.sess.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0][:len(images)]
+
+    def release(self) -> None:
+        """Drop the GPU batch buffer and its binding: the binding holds the session, which would outlive
+        ``close`` (and its GPU memory with it) until a garbage collection that may never come."""
+        self._bound = (None, None, None)
 
     def _binding(self, input_name: str, rows: int, height: int, width: int) -> tuple:
         """The GPU buffer that batches of ``rows`` images are copied into, and the session's binding of it as the

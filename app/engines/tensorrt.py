@@ -136,3 +136,6 @@ class TensorRT:
 
     def run_bound(self, input_name: str, images: list, rows: int = 1):
         raise NotImplementedError("TensorRT engines take host arrays here")
+
+    def release(self) -> None:
+        """Nothing beyond the runner to release (``run_bound`` keeps no buffers)."""
