@@ -25,18 +25,15 @@ EPILOG = """examples (the seed's three commands work as written, on .onnx files 
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from .core.config import get_settings, is_uri
+    from .core.config import get_settings
     from .core.resources import seed_repository
 
     settings = get_settings()
-    if args.address and not args.ray:
-        raise fail("--address joins a Ray cluster: use it with --ray")
-    # Once, before the workers (or a local Ray's replicas) start and open the control store there. An object-store
-    # repository is the operator's to fill, and so is a cluster's that this machine only joins.
-    if not is_uri(settings.engines_dir) and not args.address:
-        seed_repository(settings.engines_dir)
     if args.ray:
         return serve_on_ray(settings, args)
+    if args.address:
+        raise fail("--address joins a Ray cluster: use it with --ray")
+    seed_repository(settings.engines_dir)  # once, before the workers start and open the control store there
     workers, metrics_dir = args.workers or settings.workers, None
     if workers > 1:
         # The worker processes read both at start-up: their settings, and where Prometheus values are shared.
@@ -62,6 +59,12 @@ def serve_on_ray(settings, args) -> int:
         from .cluster.launch import serve_on_ray as launch
     except ImportError as exc:
         raise fail(f"--ray needs Ray Serve: pip install 'bisenet-serve[cluster]' ({exc})")
+    from .core.resources import seed_repository
+
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        # A local Ray: once, before its replicas open the control store there. In a cluster this machine joins,
+        # the replicas fill their repository themselves.
+        seed_repository(settings.engines_dir)
     return launch(settings, args.host, args.port, args.address)
 
 

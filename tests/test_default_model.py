@@ -34,7 +34,8 @@ def test_default_model_ships_and_is_described():
 
 def test_an_empty_repository_is_filled_even_when_the_control_store_came_first(tmp_path):
     """A fresh repository gets the bundled models even if another process of the service opened its control store
-    there first (a Ray model replica starting beside the ingress did); one with a model of its own is left alone."""
+    there first (a Ray model replica starting beside the ingress did); one with a model of its own is left alone,
+    and so is one seeded before and emptied since (`rm engines/*` keeps hidden files): deleted models stay deleted."""
     from app.core.resources import seed_repository
 
     fresh = tmp_path / "fresh"
@@ -42,12 +43,16 @@ def test_an_empty_repository_is_filled_even_when_the_control_store_came_first(tm
     (fresh / ".control.db").write_bytes(b"")
     assert seed_repository(fresh)
     assert (fresh / f"{DEFAULT_MODEL}.onnx").read_bytes() == (BUNDLED / f"{DEFAULT_MODEL}.onnx").read_bytes()
-    assert not list(fresh.glob("*.seeding")) and not list(fresh.glob(".*.seeding"))
+    assert not list(fresh.glob("*.seeding"))
+    for visible in fresh.glob("[!.]*"):
+        visible.unlink()
+    assert not seed_repository(fresh) and not list(fresh.glob("*.onnx"))
 
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "mine.onnx").write_bytes(b"not the bundled model")
     assert not seed_repository(kept) and sorted(p.name for p in kept.iterdir()) == ["mine.onnx"]
+    assert not seed_repository("s3://bucket/models")  # an object store is the operator's to fill
 
 
 def test_bisenetv1_ships_beside_the_default():

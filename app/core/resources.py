@@ -7,6 +7,8 @@ import shutil
 from importlib.resources import as_file, files
 from pathlib import Path
 
+from .config import is_uri
+
 log = logging.getLogger("segment.resources")
 
 WEB = files("app.web")
@@ -31,16 +33,23 @@ def bundled_models() -> Path:
         return Path(path)
 
 
-def seed_repository(root: Path) -> bool:
-    """Fill a missing or empty model repository (a fresh install, a new container volume) with the bundled models;
-    True if it did.
+SEEDED = ".seeded"  # in a repository once the bundled models were copied in
 
-    A folder with a model or any other visible file in it is left alone, so a model the operator deleted does not
-    come back. Hidden files do not count: the control store (``.control.db``) and locks that another process of the
-    service may create there first (a Ray model replica starting beside the ingress did, and the repository stayed
+
+def seed_repository(root: Path | str) -> bool:
+    """Fill a missing or empty model repository (a fresh install, a new container volume) with the bundled models;
+    True if it did. An object-store repository (a URI) is the operator's to fill.
+
+    A folder with a model or any other visible file in it is left alone, and so is one seeded before (its
+    ``.seeded`` marker), so a model the operator deleted does not come back, even after ``rm engines/*``. Other
+    hidden files do not count: the control store (``.control.db``) and locks that another process of the service
+    may create there first (a Ray model replica starting beside the ingress did, and the repository stayed
     empty). Each file is copied under a hidden name of this process and renamed, metadata before model, so a crash
     never lists a half-written model and two processes seeding at once each rename whole files."""
-    if root.exists() and any(not entry.name.startswith(".") for entry in root.iterdir()):
+    if is_uri(root):
+        return False
+    root = Path(root)
+    if (root / SEEDED).exists() or (root.exists() and any(not e.name.startswith(".") for e in root.iterdir())):
         return False
     root.mkdir(parents=True, exist_ok=True)
     bundled = sorted(bundled_models().iterdir(), key=lambda p: (p.suffix == ".onnx", p.name))
@@ -49,5 +58,6 @@ def seed_repository(root: Path) -> bool:
             tmp = root / f".{item.name}.{os.getpid()}.seeding"
             shutil.copyfile(item, tmp)
             os.replace(tmp, root / item.name)
+    (root / SEEDED).touch()
     log.info("filled the empty model repository %s with the bundled models", root)
     return True

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from ..core.config import Settings, is_uri
+from ..core.config import Settings
 from ..core.resources import bundled_models, seed_repository
 from ..engines import MODEL_SUFFIXES, OrtOptions, load_model
 from ..repository import ControlStore, open_repository
@@ -93,8 +93,7 @@ class ServiceState:
         """Fill an empty repository, clean what a crash left staged, open the control store and load what it
         wants (the default: persisted, else the configured model)."""
         s = self.settings
-        if not is_uri(s.engines_dir):  # an object-store repository is the operator's to fill
-            seed_repository(s.engines_dir)
+        seed_repository(s.engines_dir)
         if removed := self.repository.clean_staged():
             log.warning("removed %d staged upload file(s) left by a process that died: %s", len(removed), removed)
         self.store = ControlStore(control_db_path(s))
