@@ -148,7 +148,8 @@ def profile(processes: dict, roles: tuple, seconds: float, out: Path) -> list[su
         if not found:
             continue
         pid, name = max(found)[1], role.split()[0]
-        for suffix, extra in (("", []), ("-gil", ["--gil"])):
+        # --idle for the GIL: a thread may hold it while it sleeps (in a blocking wait for the GPU)
+        for suffix, extra in (("", []), ("-gil", ["--gil", "--idle"])):
             with open(out / f"{name}{suffix}.log", "wb") as log:  # the child keeps its own copy of the handle
                 spies.append(subprocess.Popen(
                     [spy, "record", "--pid", str(pid), "--duration", str(spied(seconds)), "--rate", str(SPY_HZ),

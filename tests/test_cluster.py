@@ -336,7 +336,8 @@ def test_the_ingress_sends_a_jpeg_to_a_gpu_decoding_replica_and_decodes_it_itsel
 def test_an_ingress_whose_start_fails_says_why_in_readyz(tmp_path):
     """A start-up that fails in a way nobody foresaw (here the handle refuses calls from the start-up thread, as
     Serve's throughput-optimized mode made it) is said by /readyz and the log, not lost with the thread: before,
-    /readyz answered "not started" for ever."""
+    /readyz answered "not started" for ever. And a handle not yet used gets its router on Serve's own thread,
+    which takes calls from any thread."""
     from fastapi.testclient import TestClient
 
     from app.cluster.remote import ClusterState
@@ -359,6 +360,16 @@ def test_an_ingress_whose_start_fails_says_why_in_readyz(tmp_path):
             time.sleep(0.1)
         assert r.status_code == 503
         assert r.json()["detail"] == "the ingress could not start: RuntimeError: No event loop running"
+
+    class Fresh(Handle):
+        is_initialized = False
+
+        def _init(self, **options):
+            self.options_given = options
+
+    fresh = Fresh()
+    ClusterState(settings, fresh)  # its router on Serve's own thread, whatever the replica's default
+    assert fresh.options_given == {"_run_router_in_separate_loop": True}
 
 
 def test_a_model_that_cannot_load_says_why_in_readyz(cluster):

@@ -217,6 +217,11 @@ class SegmentIngress:
         app.add_middleware(ServedByMiddleware)
         return app
 
+    def check_health(self):
+        """Serve's health check: a replica whose start-up failed is replaced, not kept answering 503."""
+        if self.state.start_error:
+            raise RuntimeError(self.state.start_error)
+
 
 @serve.deployment(name=SERVER_DEPLOYMENT)
 @serve.ingress()

@@ -83,7 +83,8 @@ class RemoteModel(SegmentationModel):
         contract = InputContract(inp["name"], np.dtype(np.uint8), (inp["height"], inp["width"]), inp["dynamic_batch"])
         # The model lives in a replica's process: GET /models' memory figures here are the ingress process's own.
         runtime = SimpleNamespace(name=desc["backend"], device=desc["device"], runner=None, device_index=0,
-                                  device_bytes=lambda: None, shape_change_is_costly=False, can_bind_gpu_input=False)
+                                  device_bytes=lambda: None, shape_change_is_costly=False, can_bind_gpu_input=False,
+                                  release=lambda: None)
         public = {k: v for k, v in desc.items() if k not in ("palette", "served_by")}
         return cls(name=desc["name"], path=path, meta=ModelMeta.model_validate(desc["metadata"]), runtime=runtime,
                    contract=contract, output_kind="labels", num_classes=desc["num_classes"],
