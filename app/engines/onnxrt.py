@@ -192,7 +192,7 @@ class OnnxRuntime:
 
         Every wait on the GPU here is in a call that releases the GIL. Binding the input anew for each call did not:
         ONNX Runtime's ``bind_input`` holds the GIL while it readies the input on the device, and on the H200 with
-        16 processes sharing the GPU it held it for about half of a process's time, stalling that process's other
+        16 processes sharing the GPU it held it for up to half of a process's time, stalling that process's other
         requests (decode, encode, the event loop; docs/ray.md)."""
         if len(images) > rows:
             raise ValueError(f"{len(images)} images for a batch of {rows}")
