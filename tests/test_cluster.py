@@ -315,8 +315,11 @@ def test_the_ingress_sends_a_jpeg_to_a_gpu_decoding_replica_and_decodes_it_itsel
             return SimpleNamespace(infer=Call("infer"), infer_jpeg=Call("infer_jpeg"))
 
     desc = {**local.describe(), "palette": local.palette.tolist(), "gpu_decode": True}
-    remote = RemoteServedModel(RemoteModel.from_description(desc, tmp_path / "raw.onnx", Handle(), Settings()))
+    remote = RemoteServedModel(RemoteModel.from_description(desc, tmp_path / "raw.onnx", Handle(),
+                                                            Settings(gpu_decode=True)))
     assert remote.decodes_on_gpu
+    off = RemoteServedModel(RemoteModel.from_description(desc, tmp_path / "raw.onnx", Handle(), Settings()))
+    assert not off.decodes_on_gpu  # the ingress's own SEGMENT_GPU_DECODE: off unless asked for
     gone = AttributeError("'SegmentModel' object has no attribute 'infer_jpeg'")
     for answer, expected_calls in ((truth[None], ["infer_jpeg"]), (None, ["infer_jpeg", "infer"]),
                                    (RayTaskError("infer_jpeg", "", gone), ["infer_jpeg", "infer"])):

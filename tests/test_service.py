@@ -327,7 +327,7 @@ def test_jpeg_at_the_model_size_takes_the_gpu_decode_path_and_everything_else_th
     jpeg = cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
     with make_client(engines, "rgb", gpu_decode=True) as c:
         model = c.app.state.service.model
-        model.__dict__["decodes_on_gpu"] = True
+        model.can_decode_on_gpu = True
         monkeypatch.setattr(model.model, "infer_on_gpu", lambda images, rows=1: np.concatenate(
             [model.infer(preprocess(im.array[..., ::-1], model, (64, 64))) for im in images]), raising=False)
 
@@ -356,7 +356,7 @@ def test_jpeg_at_the_model_size_takes_the_gpu_decode_path_and_everything_else_th
         assert np.array_equal(decode_png(r.content), truth)
         decline.clear()
     with make_client(engines, "rgb") as c:  # off unless asked for (SEGMENT_GPU_DECODE)
-        c.app.state.service.model.__dict__["decodes_on_gpu"] = True
+        c.app.state.service.model.can_decode_on_gpu = True
         decoded.clear()
         assert c.post("/segment", files={"image": ("p.jpg", jpeg, "image/jpeg")}).status_code == 200
         assert decoded == []

@@ -87,7 +87,7 @@ def segment_all(model: ServedModel, images: list, sizes: list, settings, pixels:
                 seg = segment_image(model, cv2.cvtColor(item, cv2.COLOR_RGB2BGR), settings.max_dynamic_side)
             else:
                 seg = segment_bytes(model, item, settings.max_pixels, settings.max_dynamic_side, settings.min_side,
-                                    settings.gpu_decode and model.decodes_on_gpu, header=header)
+                                    model.decodes_on_gpu, header=header)
         results.append(seg)
     return results
 

@@ -137,7 +137,7 @@ class SegmentModel:
         except Exception as exc:  # a load that failed in a way we did not foresee: still said, not hidden
             return {"error": f"{type(exc).__name__}: {exc}", "served_by": self.served_by}
         return {**model.describe(), "palette": model.palette.tolist(), "served_by": self.served_by,
-                "gpu_decode": self._decodes_jpegs(model)}
+                "gpu_decode": model.decodes_on_gpu}
 
     async def infer(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
         """Labels [1,H,W] for one RGB uint8 [1,H,W,3] image, run in a batch with others for the same model; with
@@ -170,13 +170,9 @@ class SegmentModel:
         labels, batch = await work
         return labels, {**self.served_by, "batch": batch_size(batch)}
 
-    def _decodes_jpegs(self, model: LoadedModel) -> bool:
-        """Whether this replica decodes ``model``'s JPEGs on the GPU (replicas may differ: nodes without a
-        decoder)."""
-        return self.settings.gpu_decode and model.decodes_on_gpu
-
-    def _labels_of_jpeg(self, model: LoadedModel, jpeg: bytes):
-        if not self._decodes_jpegs(model):
+    @staticmethod
+    def _labels_of_jpeg(model: LoadedModel, jpeg: bytes):
+        if not model.decodes_on_gpu:  # replicas may differ: nodes without a decoder
             return None, None
         return infer_with_batch(model.infer_jpeg, jpeg)
 

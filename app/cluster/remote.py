@@ -116,8 +116,8 @@ class RemoteServedModel(ServedModel):
     bytes, not 6 MB of pixels), which decodes it on the GPU in a batch with other requests'."""
 
     def __init__(self, model: RemoteModel):
-        super().__init__(model)
-        self.decodes_on_gpu = bool(model.description.get("gpu_decode"))
+        super().__init__(model, gpu_decode_on=model.settings.gpu_decode)
+        self.can_decode_on_gpu = bool(model.description.get("gpu_decode"))  # the model replica's say
 
     def infer_jpeg(self, data: bytes) -> np.ndarray | None:
         """Labels from a model replica that decoded the JPEG on the GPU; None (decode it here) when it declined,

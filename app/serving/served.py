@@ -14,11 +14,12 @@ class ServedModel:
     """Wraps a :class:`SegmentationModel` with what serving adds; reads like the model it wraps (same contract,
     ``infer`` with the same signature), so the pipeline takes either."""
 
-    def __init__(self, model: SegmentationModel, batcher: Batcher | None = None):
+    def __init__(self, model: SegmentationModel, batcher: Batcher | None = None, gpu_decode_on: bool = False):
         self.model, self.batcher = model, batcher
         self.jpeg_batcher: Batcher | None = None  # JPEGs decoded on the GPU as one batch (infer_jpeg)
-        # JPEGs can go from nvImageCodec straight into this model (used only with SEGMENT_GPU_DECODE on)
-        self.decodes_on_gpu = model.accepts_gpu_images and gpu_decode.available()
+        self.gpu_decode_on = gpu_decode_on  # SEGMENT_GPU_DECODE: off unless asked for
+        # JPEGs can go from nvImageCodec straight into this model
+        self.can_decode_on_gpu = model.accepts_gpu_images and gpu_decode.available()
         self._ref_lock = threading.Lock()  # never held for long
         self._users = 0
         self._retired = False
@@ -34,13 +35,18 @@ class ServedModel:
             if costly and not model.dynamic_hw:  # the one batch shape's first run (cuDNN's search) now, before a
                 model.infer(np.zeros(model.input_shape(batch_max, *model.input_hw), model.input_dtype))  # thread
             batcher = Batcher.of_arrays(model.infer, batch_max, batch_wait_ms, on_batch, fixed_batch=costly)
-        served = cls(model, batcher)
-        if gpu_decode_on and served.decodes_on_gpu:
+        served = cls(model, batcher, gpu_decode_on)
+        if served.decodes_on_gpu:
             gpu_decode.warm(*model.input_hw)
             if batcher is not None:  # GPU-decoded JPEGs batch too, in the one warmed batch shape (CUDA: costly)
                 served.jpeg_batcher = Batcher(lambda datas: served.decode_and_infer(datas, batch_max), batch_max,
                                               batch_wait_ms, on_batch, fixed_batch=True)
         return served
+
+    @property
+    def decodes_on_gpu(self) -> bool:
+        """Whether JPEGs of this model's size are decoded on the GPU: asked for, and this model and host can."""
+        return self.gpu_decode_on and self.can_decode_on_gpu
 
     def __getattr__(self, name):  # the model's contract, meta, palette... (only called for what is not here)
         return getattr(self.model, name)

@@ -64,7 +64,7 @@ class ServiceState:
         ort = replace(OrtOptions.from_settings(s), spin=len(self.store.desired().loaded | {name}) <= 1)
         model = load_model(self.repository.local_path(name), backend=s.backend, ort=ort)
         served = ServedModel.serve(model, s.batch_max, s.batch_wait_ms, self.metrics.batch_size.observe, s.gpu_decode)
-        if s.gpu_decode and served.decodes_on_gpu:
+        if served.decodes_on_gpu:
             log.info("%s: JPEG uploads of %dx%d are decoded on the GPU (nvImageCodec)", name, *model.input_hw[::-1])
         return served
 

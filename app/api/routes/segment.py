@@ -39,7 +39,7 @@ async def segment_upload(request: Request, state: ServiceState, model: ServedMod
     header = check_header(data, s.max_pixels, s.min_side)  # the header alone: no pixel is decoded yet
     pixels.take(header[0] * header[1])
     return await run_in_threadpool(segment_bytes, model, data, s.max_pixels, s.max_dynamic_side, s.min_side,
-                                   s.gpu_decode and model.decodes_on_gpu and not photo, header)
+                                   model.decodes_on_gpu and not photo, header)
 
 
 async def encode(seg: Segmentation, model: ServedModel, view: str, alpha: float, state: ServiceState) -> bytes:
