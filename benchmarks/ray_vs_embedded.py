@@ -10,14 +10,15 @@ left, or ``--model-gpus`` of a GPU each with ``--gpu``; ``--haproxy`` puts Serve
 Python proxy; ``--servers ray`` runs Ray alone; ``--layout fused`` runs ``--model-replicas`` replicas of the whole
 app instead, each with its own runners, as the embedded server's workers). Then, in alternating rounds so that
 other load on the machine hits both alike, ``clients`` concurrent clients upload the sample photo (2048x1024 PNG,
-or a JPEG of it with ``--jpeg``) to each for ``seconds``. Prints images/s, p50/p99 latency, the machine's CPU
+or a JPEG of it with ``--jpeg``) to each for ``seconds``. ``--alone`` instead starts, measures and stops one
+server after the other (on a GPU the server started second got fewer of its JPEG engines). Prints images/s, p50/p99 latency, the machine's CPU
 and GPU busy share, the mean batch in Ray mode, the Ray/embedded ratios, and where Ray's extra time goes from the
 responses' Server-Timing: the model call through the deployment handle (Ray's "inference" minus the embedded one)
 and the HTTP proxy hop plus the rest (the extra latency not inside the ingress's stages).
 
 ``--gpu-decode`` decodes JPEGs of the model's size on the GPU in both servers (in Ray mode the ingress sends the
-JPEG's bytes and the model replica decodes a batch at once); before the load, each server's labels for the photo
-are compared with the first's. ``--profile DIR`` writes py-spy profiles of the busiest embedded worker, ingress,
+JPEG's bytes and the model replica decodes a batch at once); each server's labels for the photo are compared
+with the first's. ``--profile DIR`` writes py-spy profiles of the busiest embedded worker, ingress,
 model and fused replica: the threads at work, and the thread holding the GIL.
 """
 
@@ -183,20 +184,14 @@ def print_profiles(out: Path, seconds: float, top: int = 10) -> None:
             print(f"  {100 * n / total:5.1f}%  {frame}")
 
 
-def agree(urls: dict, photo: bytes, kind: tuple) -> None:
-    """Print each server's stages for the photo and how many of its pixels' labels agree with the first server's:
-    both run one model, so the answers must match whatever path (CPU or GPU decode, batched or not) each took."""
-    answers = {}
-    for name, url in urls.items():
-        r = httpx.post(f"{url}/segment", params={"view": "labels"}, files={"image": (*kind[:1], photo, kind[1])},
-                       timeout=120)
-        r.raise_for_status()
-        answers[name] = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_UNCHANGED)
-        print(f"{name}: Server-Timing {r.headers.get('server-timing')}", flush=True)
-    first, *rest = answers
-    for name in rest:
-        print(f"labels of {name} equal to {first}'s on {(answers[name] == answers[first]).mean():.4%} of pixels",
-              flush=True)
+def labels_of(name: str, url: str, photo: bytes, kind: tuple) -> np.ndarray:
+    """The server's labels for the photo (its stages printed): every server runs one model, so the answers must
+    match whatever path (CPU or GPU decode, batched or not) each took."""
+    r = httpx.post(f"{url}/segment", params={"view": "labels"}, files={"image": (*kind[:1], photo, kind[1])},
+                   timeout=120)
+    r.raise_for_status()
+    print(f"{name}: Server-Timing {r.headers.get('server-timing')}", flush=True)
+    return cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_UNCHANGED)
 
 
 def leave(*_) -> None:
@@ -217,7 +212,10 @@ def main() -> int:
     ap.add_argument("--gpu", action="store_true", help="model replicas on the GPU (SEGMENT_RAY_MODEL_GPUS)")
     ap.add_argument("--model-gpus", type=float, default=1.0,
                     help="with --gpu: GPUs per model replica (0.5: two replicas share one GPU)")
-    ap.add_argument("--servers", default="embedded,ray", help="which to run (default both)")
+    ap.add_argument("--servers", default="embedded,ray", help="which to run, in this order (default both)")
+    ap.add_argument("--alone", action="store_true",
+                    help="start, measure and stop each server in turn, instead of both up at once with rounds "
+                         "alternating: servers sharing a GPU contend for its JPEG engines (docs/ray.md)")
     ap.add_argument("--haproxy", action="store_true",
                     help="Ray Serve's HAProxy mode (RAY_SERVE_ENABLE_HA_PROXY=1) instead of its Python HTTP proxy")
     ap.add_argument("--embedded-workers", type=int, default=1)
@@ -270,47 +268,55 @@ def main() -> int:
         ray_env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     servers = {"embedded": (["--workers", str(args.embedded_workers)], base), "ray": (["--ray"], ray_env)}
     servers = {name: servers[name] for name in args.servers.split(",")}
-    procs, urls, ready = {}, {}, {}
+    procs, urls, answers, results = {}, {}, {}, {}
+    profiled: set[str] = set()
+    print(f"machine: {cpu_name()}, {cores} cores{gpu_name()}; {versions()}; model {args.model}; "
+          f"photo {len(photo) // 1024} KiB {kind[1]}", flush=True)
     try:
-        for name, (extra, env) in servers.items():
-            port = free_port()
-            urls[name] = f"http://127.0.0.1:{port}"
-            log = tmp / f"{name}.log"
-            procs[name] = start(["--host", "127.0.0.1", "--port", str(port), *extra], env, log)
-            ready[name] = wait_ready(urls[name], procs[name], log)
-        sessions = {procs[name].pid: name for name in procs} | {os.getsid(0): "bench"}
-        roles = [role for role, _ in cpu_by_process(sessions).values()]
-        print(f"machine: {cpu_name()}, {cores} cores{gpu_name()}; {versions()}; model {args.model}; "
-              f"photo {len(photo) // 1024} KiB {kind[1]}; start to ready: "
-              + ", ".join(f"{name} {t:.1f} s" for name, t in ready.items())
-              + (f"; HAProxy processes: {roles.count('HAProxy')}" if args.haproxy else ""), flush=True)
-        for url in urls.values():  # warm both (first requests load caches)
-            for _ in range(3):
-                httpx.post(f"{url}/segment", files={"image": (*kind[:1], photo, kind[1])}, timeout=120)
-        agree(urls, photo, kind)
-        results: dict = {}
-        profiled: set[str] = set()
-        for _ in range(args.rounds):
-            for clients in map(int, args.clients.split(",")):
-                for name, url in urls.items():
-                    load0, cpu0 = os.getloadavg()[0], cpu_by_process(sessions)
-                    spies = []
-                    if args.profile and name not in profiled:  # each server's first point
-                        profiled.add(name)
-                        roles = ("embedded server",) if name == "embedded" else RAY_PROFILED
-                        spies = profile(cpu0, roles, args.seconds, args.profile)
-                    with Busy() as busy:
-                        r = post_load(url, photo, kind[0], kind[1], clients, args.seconds,
-                                      processes=min(clients, 4))
-                    for spy in spies:
-                        try:
-                            spy.wait(timeout=60)
-                        except subprocess.TimeoutExpired:  # a stuck profiler costs its profile, not the run
-                            spy.kill()
-                    r["load"], r["cpu"], r["gpu"] = load0, busy.cpu_pct, busy.gpu_pct
-                    # over the whole call (start-up of the clients included), per image finished in the window
-                    r["cpu_ms"] = cpu_ms_per_image(cpu0, cpu_by_process(sessions), r["n"])
-                    results.setdefault((clients, name), []).append(r)
+        for group in ([name] for name in servers) if args.alone else [list(servers)]:
+            for name in group:
+                extra, env = servers[name]
+                urls[name] = f"http://127.0.0.1:{free_port()}"
+                log = tmp / f"{name}.log"
+                procs[name] = start(["--host", "127.0.0.1", "--port", urls[name].rsplit(":", 1)[1], *extra], env,
+                                    log)
+                print(f"{name}: start to ready {wait_ready(urls[name], procs[name], log):.1f} s", flush=True)
+            sessions = {procs[name].pid: name for name in group} | {os.getsid(0): "bench"}
+            if args.haproxy and "ray" in group:
+                roles = [role for role, _ in cpu_by_process(sessions).values()]
+                print(f"HAProxy processes: {roles.count('HAProxy')}", flush=True)
+            for name in group:  # warm (first requests load caches), then the labels compared below
+                for _ in range(3):
+                    httpx.post(f"{urls[name]}/segment", files={"image": (*kind[:1], photo, kind[1])}, timeout=120)
+                answers[name] = labels_of(name, urls[name], photo, kind)
+            for _ in range(args.rounds):
+                for clients in map(int, args.clients.split(",")):
+                    for name in group:
+                        load0, cpu0 = os.getloadavg()[0], cpu_by_process(sessions)
+                        spies = []
+                        if args.profile and name not in profiled:  # each server's first point
+                            profiled.add(name)
+                            roles = ("embedded server",) if name == "embedded" else RAY_PROFILED
+                            spies = profile(cpu0, roles, args.seconds, args.profile)
+                        with Busy() as busy:
+                            r = post_load(urls[name], photo, kind[0], kind[1], clients, args.seconds,
+                                          processes=min(clients, 4))
+                        for spy in spies:
+                            try:
+                                spy.wait(timeout=60)
+                            except subprocess.TimeoutExpired:  # a stuck profiler costs its profile, not the run
+                                spy.kill()
+                        r["load"], r["cpu"], r["gpu"] = load0, busy.cpu_pct, busy.gpu_pct
+                        # over the whole call (start-up of the clients included), per image finished in the window
+                        r["cpu_ms"] = cpu_ms_per_image(cpu0, cpu_by_process(sessions), r["n"])
+                        results.setdefault((clients, name), []).append(r)
+            if args.alone:
+                for name in group:
+                    stop(procs[name])
+        first, *rest = answers
+        for name in rest:
+            print(f"labels of {name} equal to {first}'s on {(answers[name] == answers[first]).mean():.4%} of pixels",
+                  flush=True)
         print(f"\n{'clients':>7} {'server':>9} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'n':>5} {'errors':>6} "
               f"{'load1':>5} {'cpu%':>5} {'gpu%':>5}  stages (ms, server-side means)")
         summary = {}
