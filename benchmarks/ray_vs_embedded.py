@@ -11,10 +11,11 @@ Python proxy; ``--servers ray`` runs Ray alone; ``--layout fused`` runs ``--mode
 app instead, each with its own runners, as the embedded server's workers). Then, in alternating rounds so that
 other load on the machine hits both alike, ``clients`` concurrent clients upload the sample photo (2048x1024 PNG,
 or a JPEG of it with ``--jpeg``) to each for ``seconds``. ``--alone`` instead starts, measures and stops one
-server after the other (on a GPU the server started second got fewer of its JPEG engines). Prints images/s, p50/p99 latency, the machine's CPU
-and GPU busy share, the mean batch in Ray mode, the Ray/embedded ratios, and where Ray's extra time goes from the
-responses' Server-Timing: the model call through the deployment handle (Ray's "inference" minus the embedded one)
-and the HTTP proxy hop plus the rest (the extra latency not inside the ingress's stages).
+server after the other (on a GPU the server started second got fewer of its JPEG engines). Prints images/s,
+p50/p99 latency, the machine's CPU and GPU busy share, the mean batch in Ray mode, the Ray/embedded ratios, and
+where Ray's extra time goes from the responses' Server-Timing: the model call through the deployment handle (Ray's
+"inference" minus the embedded one) and the HTTP proxy hop plus the rest (the extra latency not inside the
+ingress's stages).
 
 ``--gpu-decode`` decodes JPEGs of the model's size on the GPU in both servers (in Ray mode the ingress sends the
 JPEG's bytes and the model replica decodes a batch at once); each server's labels for the photo are compared
@@ -275,11 +276,9 @@ def main() -> int:
     try:
         for group in ([name] for name in servers) if args.alone else [list(servers)]:
             for name in group:
-                extra, env = servers[name]
-                urls[name] = f"http://127.0.0.1:{free_port()}"
-                log = tmp / f"{name}.log"
-                procs[name] = start(["--host", "127.0.0.1", "--port", urls[name].rsplit(":", 1)[1], *extra], env,
-                                    log)
+                (extra, env), port, log = servers[name], free_port(), tmp / f"{name}.log"
+                urls[name] = f"http://127.0.0.1:{port}"
+                procs[name] = start(["--host", "127.0.0.1", "--port", str(port), *extra], env, log)
                 print(f"{name}: start to ready {wait_ready(urls[name], procs[name], log):.1f} s", flush=True)
             sessions = {procs[name].pid: name for name in group} | {os.getsid(0): "bench"}
             if args.haproxy and "ray" in group:
