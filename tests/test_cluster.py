@@ -259,6 +259,16 @@ def test_the_fused_layout_serves_the_whole_app_in_each_replica(cluster):
         r = httpx.post(f"{cluster.url}/fused/models/rgb/load", timeout=120)  # every replica follows the store
         assert r.status_code == 200, r.text
         photo, truth = quadrants(64, 96)
+        # The replica that took the load answers once it has the model; the other loads it when it next reads the
+        # control store (409 until then, as an embedded worker would answer): wait until both have served it.
+        holders, deadline = set(), time.monotonic() + 60
+        while len(holders) < 2 and time.monotonic() < deadline:
+            r = segment(f"{cluster.url}/fused", png_bytes(photo), view="labels", model="rgb")
+            if r.status_code == 200:
+                holders.add(r.headers["x-model-replica"])
+            else:
+                assert r.status_code == 409, r.text
+        assert len(holders) == 2, holders
         nodes = Counter()
         for i in range(40):
             name = ("raw", "rgb")[i % 2]
