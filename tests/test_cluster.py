@@ -6,6 +6,7 @@ One session-scoped cluster (starting and stopping Ray takes seconds); Ray's port
 watchdog ends the run if Ray ever hangs. Skipped, saying why, where the ``cluster`` extra is not installed.
 """
 
+import fcntl
 import faulthandler
 import os
 import shutil
@@ -22,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.builds.jobs import JobQueue
+from app.builds.jobs import MACHINE_LOCK, JobQueue
 from app.repository import ControlStore
 
 from .models import ROOT, decode_png, make_client, png_bytes, quadrants, raw_rgb_model, rgb_model, slow_rgb_model
@@ -428,13 +429,20 @@ def test_a_repository_at_a_uri_serves_through_each_replicas_cache(cluster):
 def test_a_build_runs_as_a_ray_task_and_is_served(cluster):
     """`POST /engines` (fp16 for ONNX Runtime) through the ingress: the build runs as a Ray task (its progress, in
     the control store, names the Ray node), the job is seen done from the API, and the model is listed and
-    served. A TensorRT build is refused up front: no node of this cluster has a GPU."""
+    served. While an embedded server's build holds the machine (both nodes are this one), the task waits for it.
+    A TensorRT build is refused up front: no node of this cluster has a GPU."""
     rgb_model(cluster.tmp / "engines" / "conv.onnx", conv=True)
     form = {"name": "conv_fp16", "source": "conv", "target": "onnxruntime", "precision": "fp16"}
-    r = httpx.post(f"{cluster.url}/engines", data=form, timeout=30)
-    assert r.status_code == 202, r.text
+    with open(MACHINE_LOCK, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        r = httpx.post(f"{cluster.url}/engines", data=form, timeout=30)
+        assert r.status_code == 202, r.text
+        status = f"{cluster.url}{r.json()['status_url']}"
+        assert wait_until(lambda: any(line.startswith("waiting for the build running on Ray node")
+                                      for line in httpx.get(status, timeout=10).json()["progress"]), 60)
+        assert httpx.get(status, timeout=10).json()["state"] == "running"
     deadline = time.monotonic() + 120
-    while (job := httpx.get(f"{cluster.url}{r.json()['status_url']}", timeout=10).json())["state"] in \
+    while (job := httpx.get(status, timeout=10).json())["state"] in \
             ("queued", "running") and time.monotonic() < deadline:
         time.sleep(0.3)
     assert job["state"] == "succeeded", job

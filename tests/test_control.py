@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.builds.jobs import JobQueue
+from app.builds.jobs import MACHINE_LOCK, JobQueue
 from app.core.errors import Conflict
 from app.engines import OrtOptions, load_model
 from app.engines.memory import gpu_growth, load_device_bytes, process_gpu_bytes
@@ -399,7 +399,7 @@ def test_a_second_build_of_a_name_queued_or_running_is_refused(two_models):
     rgb_model(two_models / "conv.onnx", height=64, width=64, conv=True)
     form = {"name": "conv16", "source": "conv", "target": "onnxruntime", "precision": "fp16"}
     with make_client(two_models, "rgb", admin_token=TOKEN) as c:
-        with open(two_models / ".control.db.build.lock", "a+") as lock:
+        with open(MACHINE_LOCK, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another build holds this machine: ours stays queued
             first = c.post("/engines", headers=AUTH, data=form)
             assert first.status_code == 202 and first.json()["state"] == "queued"

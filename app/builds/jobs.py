@@ -7,7 +7,7 @@ killed. The child (``python -m app.builds``) is handed the typed :class:`BuildRe
 ``compile_model`` as ``segment compile``, so the API and the command line build identically.
 
 Every worker runs a :class:`JobQueue` thread. When the store has a queued job, the thread tries the machine's build
-lock (``fcntl`` on ``<store>.build.lock``: released by the kernel when its holder dies); the holder claims the
+lock (``fcntl`` on :data:`MACHINE_LOCK`: released by the kernel when its holder dies); the holder claims the
 oldest queued job, runs it and writes its progress lines to the store, where every worker reads them. A job marked
 running whose owner process is gone is marked failed with that reason by the next worker that looks.
 """
@@ -32,6 +32,9 @@ from .options import BuildRequest
 
 log = logging.getLogger("segment.jobs")
 POLL_S = 0.25
+# One build at a time per machine, whatever starts it: the workers of every server here, whichever repository they
+# serve, and Ray's build tasks on this node (``app.cluster.builds``)
+MACHINE_LOCK = Path(tempfile.gettempdir()) / "segment-build.lock"
 
 
 class Job:
@@ -145,7 +148,6 @@ class JobQueue:
         # Without a store (a queue on its own, in tests and tools): a private one in a temporary folder.
         self.store = store or ControlStore(Path(tempfile.mkdtemp(prefix="segment-jobs-")) / "control.db")
         self.runner = runner or ProcessRunner()
-        self.lock_path = self.store.path.with_name(self.store.path.name + ".build.lock")
         self.pid = os.getpid()
         self._build: Build | None = None
         # Guards _build and _stopped together: without it, stop() could land after a job is marked running but
@@ -187,7 +189,7 @@ class JobQueue:
     def _run_next(self) -> None:
         """Under the machine's build lock (when free, and when builds run here), claim and run the oldest queued
         job."""
-        with open(self.lock_path, "a+") if self.runner.local else nullcontext() as lock:
+        with open(MACHINE_LOCK, "a+") if self.runner.local else nullcontext() as lock:
             if lock is not None:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -11,25 +11,23 @@ it is never retried: a task whose node or worker dies fails the job, saying why.
 import fcntl
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import ray
 
-from ..builds.jobs import ChildProcess, exit_error
+from ..builds.jobs import MACHINE_LOCK, ChildProcess, exit_error
 from ..builds.options import BuildRequest
 from ..core.errors import TensorRTUnavailable
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding this ``app`` package
-NODE_LOCK = Path(tempfile.gettempdir()) / "segment-ray-build.lock"  # one per machine, whichever cluster
 
 
 @ray.remote(num_returns="streaming", max_retries=0)
 def run_on_node(args: list[str]):
     """Run ``python ARGS`` on this node under its build lock: its output lines, then its exit status (an int)."""
     node = ray.get_runtime_context().get_node_id()
-    with open(NODE_LOCK, "a+") as lock:
+    with open(MACHINE_LOCK, "a+") as lock:  # the embedded server's too: one build per machine
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
