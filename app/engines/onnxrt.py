@@ -65,6 +65,20 @@ def cuda_blocking_sync() -> str | None:
     return None if status == 0 else f"cudaSetDeviceFlags failed with CUDA error {status}"
 
 
+WAIT_MODES = {0: "auto", 1: "spin", 2: "yield", 4: "blocking sync"}  # cudaDeviceSchedule* (the flags' low bits)
+
+
+def cuda_wait_mode() -> str | None:
+    """How this process's waits for the GPU behave (the CUDA device flags now in effect), or None without the
+    CUDA runtime library."""
+    runtime = cuda_runtime()
+    if runtime is None:
+        return None
+    flags = ctypes.c_uint(0)
+    status = runtime.cudaGetDeviceFlags(ctypes.byref(flags))
+    return WAIT_MODES.get(flags.value & 0x07, hex(flags.value)) if status == 0 else f"unknown (CUDA error {status})"
+
+
 class OrtSessionLoader(BaseLoader):
     """Polygraphy loader: builds an ONNX Runtime session with our options when called."""
 
@@ -90,6 +104,7 @@ class OrtSessionLoader(BaseLoader):
         import onnxruntime as ort
 
         providers = self.resolved_providers()
+        refused = None
         if "CUDAExecutionProvider" in providers:
             if hasattr(ort, "preload_dlls"):
                 # onnxruntime-gpu finds CUDA and cuDNN from the nvidia-* pip packages only once they are loaded;
@@ -113,6 +128,10 @@ class OrtSessionLoader(BaseLoader):
                 for p in providers])
 
         sess = session(self.options.cuda_options)
+        if self.options.cuda_blocking_sync and "CUDAExecutionProvider" in providers and not refused:
+            mode = cuda_wait_mode()  # checked once the session holds its context: something may have made it first
+            if mode != "blocking sync":
+                log.warning("SEGMENT_CUDA_BLOCKING_SYNC is on but this process's waits for the GPU are '%s'", mode)
         if self.options.cuda_options and "CUDAExecutionProvider" in providers:
             _trial_run(sess)
             if "CUDAExecutionProvider" not in sess.get_providers():
