@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -217,6 +218,9 @@ def main() -> int:
     ap.add_argument("--alone", action="store_true",
                     help="start, measure and stop each server in turn, instead of both up at once with rounds "
                          "alternating: servers sharing a GPU contend for its JPEG engines (docs/ray.md)")
+    ap.add_argument("--warm-seconds", type=float, default=0,
+                    help="untimed load at the first client count before a server's first point: a server just "
+                         "started is still allocating (GPU decoders, ONNX Runtime's arenas) under its first load")
     ap.add_argument("--haproxy", action="store_true",
                     help="Ray Serve's HAProxy mode (RAY_SERVE_ENABLE_HA_PROXY=1) instead of its Python HTTP proxy")
     ap.add_argument("--embedded-workers", type=int, default=1)
@@ -288,6 +292,9 @@ def main() -> int:
                 for _ in range(3):
                     httpx.post(f"{urls[name]}/segment", files={"image": (*kind[:1], photo, kind[1])}, timeout=120)
                 answers[name] = labels_of(name, urls[name], photo, kind)
+                if args.warm_seconds:
+                    post_load(urls[name], photo, kind[0], kind[1], int(args.clients.split(",")[0]),
+                              args.warm_seconds, processes=4)
             for _ in range(args.rounds):
                 for clients in map(int, args.clients.split(",")):
                     for name in group:
@@ -328,6 +335,8 @@ def main() -> int:
             print(f"{clients:>7} {name:>9} {best['img_s']:>7.2f} {best['p50']:>8.1f} {best['p99']:>8.1f} "
                   f"{best['n']:>5} {len(best['errors']):>6} {best['load']:>5.1f} {best['cpu']:>5.0f} {best['gpu']:>5.0f}  "
                   f"{stages}", flush=True)
+            if best["errors"]:  # HTTP statuses, or the exception a client got
+                print(f"{'':>17} errors: {dict(Counter(map(str, best['errors'])).most_common())}", flush=True)
         print("\nCPU ms per image, by process (the whole machine, over each best run):")
         for (clients, name), best in sorted(summary.items()):
             print(f"{clients:>7} {name:>9}  total {sum(best['cpu_ms'].values()):.1f}: "
