@@ -8,7 +8,9 @@ Starts both at once on loopback: `segment serve` (``--embedded-workers`` process
 local Ray: ``--ingress-replicas`` CPU ingress replicas, ``--model-replicas`` model replicas with all the CPUs
 left, or ``--model-gpus`` of a GPU each with ``--gpu``; ``--haproxy`` puts Serve's HAProxy in front instead of its
 Python proxy; ``--servers ray`` runs Ray alone; ``--layout fused`` runs ``--model-replicas`` replicas of the whole
-app instead, each with its own runners, as the embedded server's workers). Then, in alternating rounds so that
+app instead, each with its own runners, as the embedded server's workers; ``--servers embedded,actors,ray --alone``
+adds a control without Serve: the embedded server's app in ``--model-replicas`` plain Ray actors,
+`benchmarks/ray_actor_servers.py`). Then, in alternating rounds so that
 other load on the machine hits both alike, ``clients`` concurrent clients upload the sample photo (2048x1024 PNG,
 or a JPEG of it with ``--jpeg``) to each for ``seconds``. ``--alone`` instead starts, measures and stops one
 server after the other (on a GPU the server started second got fewer of its JPEG engines). Prints images/s,
@@ -24,6 +26,7 @@ model and fused replica: the threads at work, and the thread holding the GIL.
 """
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -49,9 +52,9 @@ from benchmarks.loadgen import post_load  # noqa: E402
 from tests.server import free_port  # noqa: E402
 
 
-def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "app.cli", "serve", *args], cwd=ROOT, env=env, stdout=out,
+        return subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -81,9 +84,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 # Which part of Ray a process is, from its command line (Ray names its workers "ray::<actor>").
 RAY_ROLES = (("SegmentIngress", "ingress replicas"), ("SegmentModel", "model replicas"),
-             ("SegmentServer", "fused replicas"),
+             ("SegmentServer", "fused replicas"), ("AppServer", "app actors"),
              ("ProxyActor", "Serve proxy"), ("haproxy", "HAProxy"))
-RAY_PROFILED = ("ingress replicas", "model replicas", "fused replicas")
+RAY_PROFILED = ("ingress replicas", "model replicas", "fused replicas", "app actors")
 SPY_HZ = 200  # py-spy's samples a second
 
 
@@ -99,7 +102,7 @@ def cpu_by_process(sessions: dict[int, str]) -> dict[int, tuple[str, float]]:
             continue
         owner = sessions.get(int(fields[3]), "ray" if "ray" in cmd else "other")  # field 6 of stat: the session
         role = {"embedded": "embedded server", "bench": "load generator"}.get(owner, owner)
-        if owner == "ray":
+        if owner in ("ray", "actors"):
             role = next((name for key, name in RAY_ROLES if key in cmd), "Ray's own processes")
         found[int(proc.name)] = (role, (int(fields[11]) + int(fields[12])) / tick)
     return found
@@ -136,10 +139,12 @@ def spied(seconds: float) -> int:
     return max(1, int(seconds) - 1)
 
 
-def profile(processes: dict, roles: tuple, seconds: float, out: Path) -> list[subprocess.Popen]:
+def profile(processes: dict, roles: tuple, seconds: float, out: Path, native: bool = False) -> list[subprocess.Popen]:
     """py-spy recording, for ``seconds``, the busiest process so far of each of ``roles`` (``cpu_by_process``: an
     embedded worker rather than its supervisor): one profile of the threads at work (``<role>.txt``) and one of
-    the thread holding the GIL (``<role>-gil.txt``), raw collapsed stacks, the process never paused."""
+    the thread holding the GIL (``<role>-gil.txt``), raw collapsed stacks, the process never paused. ``native``:
+    the threads at work with their C frames too (``<role>-native.txt``, at a quarter of the
+    rate: py-spy pauses the process for each of those samples)."""
     out.mkdir(parents=True, exist_ok=True)
     spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if spy is None:
@@ -152,11 +157,14 @@ def profile(processes: dict, roles: tuple, seconds: float, out: Path) -> list[su
             continue
         pid, name = max(found)[1], role.split()[0]
         # --idle for the GIL: a thread may hold it while it sleeps (in a blocking wait for the GPU)
-        for suffix, extra in (("", []), ("-gil", ["--gil", "--idle"])):
+        kinds = [("", ["--rate", str(SPY_HZ), "--nonblocking"]),
+                 ("-gil", ["--rate", str(SPY_HZ), "--nonblocking", "--gil", "--idle"])]
+        if native:  # what a thread inside ONNX Runtime or CUDA does: spin, yield or sleep
+            kinds.append(("-native", ["--rate", str(SPY_HZ // 4), "--native"]))
+        for suffix, extra in kinds:
             with open(out / f"{name}{suffix}.log", "wb") as log:  # the child keeps its own copy of the handle
                 spies.append(subprocess.Popen(
-                    [spy, "record", "--pid", str(pid), "--duration", str(spied(seconds)), "--rate", str(SPY_HZ),
-                     "--format", "raw", "--nonblocking", "--threads", *extra,
+                    [spy, "record", "--pid", str(pid), "--duration", str(spied(seconds)), "--format", "raw", "--threads", *extra,
                      "--output", str(out / f"{name}{suffix}.txt")],
                     stdout=subprocess.DEVNULL, stderr=log))
     return spies
@@ -178,7 +186,8 @@ def print_profiles(out: Path, seconds: float, top: int = 10) -> None:
                 under[frame] = under.get(frame, 0) + int(count)
         held = (f", the GIL held {100 * total / (SPY_HZ * spied(seconds)):.0f}% of the time"
                 if path.stem.endswith("-gil") else "")
-        print(f"\npy-spy, {path.stem}: {total} samples at {SPY_HZ} Hz{held}; most in the frame itself:")
+        hz = SPY_HZ // 4 if path.stem.endswith("-native") else SPY_HZ
+        print(f"\npy-spy, {path.stem}: {total} samples at {hz} Hz{held}; most in the frame itself:")
         for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
             print(f"  {100 * n / total:5.1f}%  {frame}")
         print("  under the service's own functions:")
@@ -214,7 +223,8 @@ def main() -> int:
     ap.add_argument("--gpu", action="store_true", help="model replicas on the GPU (SEGMENT_RAY_MODEL_GPUS)")
     ap.add_argument("--model-gpus", type=float, default=1.0,
                     help="with --gpu: GPUs per model replica (0.5: two replicas share one GPU)")
-    ap.add_argument("--servers", default="embedded,ray", help="which to run, in this order (default both)")
+    ap.add_argument("--servers", default="embedded,ray", help="which to run, in this order: embedded, ray, actors (the app in plain Ray "
+                    "actors, no Serve)")
     ap.add_argument("--alone", action="store_true",
                     help="start, measure and stop each server in turn, instead of both up at once with rounds "
                          "alternating: servers sharing a GPU contend for its JPEG engines (docs/ray.md)")
@@ -240,6 +250,8 @@ def main() -> int:
                     help="write py-spy profiles (raw collapsed stacks: threads at work, and the GIL's holder) of the "
                          "busiest embedded worker, ingress, model and fused replica during each server's first load "
                          "point into this folder")
+    ap.add_argument("--profile-native", action="store_true",
+                    help="with --profile, also a profile with C frames (py-spy --native; pauses the process per sample)")
     args = ap.parse_args()
     # `timeout` ends a run with SIGTERM. The servers run in sessions of their own, so only the finally below stops
     # them: a Ray left running holds its ports (HAProxy's 8404 and 9101) and fails the next run.
@@ -271,8 +283,15 @@ def main() -> int:
                "SEGMENT_RAY_LAYOUT": args.layout}
     if args.haproxy:
         ray_env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
-    servers = {"embedded": (["--workers", str(args.embedded_workers)], base), "ray": (["--ray"], ray_env)}
+    serve = ["-m", "app.cli", "serve"]
+    servers = {"embedded": ([*serve, "--workers", str(args.embedded_workers)], base),
+               "ray": ([*serve, "--ray"], ray_env),
+               "actors": ([str(ROOT / "benchmarks" / "ray_actor_servers.py"), "--actors", str(args.model_replicas),
+                           "--gpus", str(args.model_gpus) if args.gpu else "0"],
+                          {**base, **{k: v for k, v in ray_env.items() if k.startswith("RAY_")}})}
     servers = {name: servers[name] for name in args.servers.split(",")}
+    if {"ray", "actors"} <= set(servers) and not args.alone:
+        ap.error("--servers with both ray and actors needs --alone: each starts a Ray of its own")
     procs, urls, answers, results = {}, {}, {}, {}
     profiled: set[str] = set()
     print(f"machine: {cpu_name()}, {cores} cores{gpu_name()}; {versions()}; model {args.model}; "
@@ -282,7 +301,7 @@ def main() -> int:
             for name in group:
                 (extra, env), port, log = servers[name], free_port(), tmp / f"{name}.log"
                 urls[name] = f"http://127.0.0.1:{port}"
-                procs[name] = start(["--host", "127.0.0.1", "--port", str(port), *extra], env, log)
+                procs[name] = start([*extra, "--host", "127.0.0.1", "--port", str(port)], env, log)
                 print(f"{name}: start to ready {wait_ready(urls[name], procs[name], log):.1f} s", flush=True)
             sessions = {procs[name].pid: name for name in group} | {os.getsid(0): "bench"}
             if args.haproxy and "ray" in group:
@@ -303,7 +322,7 @@ def main() -> int:
                         if args.profile and name not in profiled:  # each server's first point
                             profiled.add(name)
                             roles = ("embedded server",) if name == "embedded" else RAY_PROFILED
-                            spies = profile(cpu0, roles, args.seconds, args.profile)
+                            spies = profile(cpu0, roles, args.seconds, args.profile, args.profile_native)
                         with Busy() as busy:
                             r = post_load(urls[name], photo, kind[0], kind[1], clients, args.seconds,
                                           processes=min(clients, 4))
@@ -342,12 +361,14 @@ def main() -> int:
             print(f"{clients:>7} {name:>9}  total {sum(best['cpu_ms'].values()):.1f}: "
                   + ", ".join(f"{role} {ms:.1f}" for role, ms in best["cpu_ms"].items()))
         print()
-        for clients in map(int, args.clients.split(",") if len(servers) == 2 else []):
-            ray_r, emb = summary[(clients, "ray")], summary[(clients, "embedded")]
+        for clients, name in itertools.product(map(int, args.clients.split(",")), servers):
+            if name == "embedded" or "embedded" not in servers:
+                continue
+            ray_r, emb = summary[(clients, name)], summary[(clients, "embedded")]
             extra = ray_r["p50"] - emb["p50"]
             hop = ray_r["stages"].get("inference", 0) - emb["stages"].get("inference", 0)
             inside = sum(ray_r["stages"].values()) - sum(emb["stages"].values())
-            print(f"{clients} client(s): Ray/embedded throughput {ray_r['img_s'] / emb['img_s']:.2f}x, p50 latency "
+            print(f"{clients} client(s): {name}/embedded throughput {ray_r['img_s'] / emb['img_s']:.2f}x, p50 latency "
                   f"{ray_r['p50'] / emb['p50']:.2f}x (+{extra:.1f} ms): the model call through the handle "
                   f"+{hop:.1f} ms, the proxy hop and the rest +{extra - inside:.1f} ms")
         if args.profile:
