@@ -250,11 +250,12 @@ def test_requests_that_arrive_while_a_batch_runs_share_the_next(cluster):
 
 
 def test_the_fused_layout_serves_the_whole_app_in_each_replica(cluster):
-    """``ray_layout="fused"``: each replica runs the app with models of its own (the embedded worker on Ray), on
-    both nodes; the headers name the one replica as ingress and model; a model loaded through one replica is
-    served by all, chosen per request with ``?model=``."""
+    """``ray_layout="fused"``: each replica runs the app with models of its own (the embedded worker on Ray), one
+    on each node (``ray_max_replicas_per_node``: Serve alone may put both on the head); the headers name the one
+    replica as ingress and model; a model loaded through one replica is served by all, chosen per request with
+    ``?model=``."""
     cluster.deploy("fused", "/fused", model="raw", ray_layout="fused", ray_min_replicas=2, ray_max_replicas=2,
-                   ray_model_cpus=0.1, control_db=cluster.tmp / "fused.db")
+                   ray_model_cpus=0.1, ray_max_replicas_per_node=1, control_db=cluster.tmp / "fused.db")
     try:
         assert cluster.wait_ready("/fused").json() == {"status": "ready", "model": "raw"}
         r = httpx.post(f"{cluster.url}/fused/models/rgb/load", timeout=120)  # every replica follows the store

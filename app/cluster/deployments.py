@@ -256,6 +256,8 @@ def application(settings: Settings, ingress_resources: dict | None = None):
                {"autoscaling_config": {"min_replicas": s.ray_min_replicas, "max_replicas": s.ray_max_replicas,
                                        "target_ongoing_requests": s.ray_target_ongoing_requests}})
     runners = {"num_cpus": s.ray_model_cpus, "num_gpus": s.ray_model_gpus, "runtime_env": runtime_env}
+    if s.ray_max_replicas_per_node:
+        scaling["max_replicas_per_node"] = s.ray_max_replicas_per_node
     if s.ray_layout == "fused":
         return SegmentServer.options(ray_actor_options=runners, max_ongoing_requests=s.max_inflight, **scaling).bind()
     model = SegmentModel.options(ray_actor_options=runners, max_ongoing_requests=max_ongoing(s), **scaling)

@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     ray_min_replicas: int = Field(1, ge=0, description="Ray: fewest model replicas (autoscaling).")
     ray_max_replicas: int = Field(1, ge=1, description="Ray: most model replicas (autoscaling; equal to the "
                                                        "minimum: a fixed number).")
+    ray_max_replicas_per_node: int | None = Field(
+        None, ge=1, description="Ray: most model (or fused) replicas on one node, so that a lost node takes no more "
+                                "than that many with it (unset: Serve places them wherever they fit).")
     ray_target_ongoing_requests: float = Field(
         2.0, gt=0, description="Ray: requests in flight per model replica the autoscaler aims for.")
     ray_models_per_replica: int = Field(
