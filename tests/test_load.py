@@ -13,7 +13,7 @@ import pytest
 
 from .models import decode_png, png_bytes, quadrants, rgb_model
 
-from .server import TOKEN, Server
+from .server import TOKEN, Server, free_port
 from .test_engines import argmin_model
 
 @pytest.fixture
@@ -166,3 +166,47 @@ def test_several_workers_share_metrics_and_accept_model_changes(engines, tmp_pat
         assert r.status_code == 202 and r.json()["state"] in ("queued", "running")
     finally:
         assert server.stop()
+
+
+def test_requests_reuse_the_service_threads_on_a_loop_without_a_root_task(engines, monkeypatch):
+    """Decode, inference and encode run on the service's own threads, the same ones for every request, also where
+    the event loop was started with ``run_forever`` and has no root task, as in a Ray Serve replica: there anyio's
+    worker threads (FastAPI's default for blocking work) last one request, and a thread that runs the GPU costs
+    its start-up on every request (docs/ray.md)."""
+    import asyncio
+
+    import uvicorn
+
+    from app.core.config import Settings
+    from app.main import create_app
+
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    app = create_app(Settings(engines_dir=engines, model="rgb", results_dir=engines.parent / "results"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    loop = asyncio.new_event_loop()
+
+    def run():
+        loop.create_task(server.serve()).add_done_callback(lambda _: loop.stop())
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    photo, truth = quadrants(48, 64)
+    started = []
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/segment?view=labels"
+        for _ in range(3):  # the service's request threads start here
+            assert httpx.post(url, files={"image": ("p.png", png_bytes(photo), "image/png")}).status_code == 200
+        real_start = threading.Thread.start
+        monkeypatch.setattr(threading.Thread, "start", lambda t: (started.append(t.name), real_start(t))[1])
+        for _ in range(5):
+            r = httpx.post(url, files={"image": ("p.png", png_bytes(photo), "image/png")})
+            assert r.status_code == 200 and np.array_equal(decode_png(r.content), truth)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert started == [], f"threads started during 5 requests: {started}"

@@ -1,4 +1,7 @@
-"""FastAPI dependencies: the serving state, the served model, admission, the builds, admin authentication."""
+"""FastAPI dependencies: the serving state, the served model, admission, the builds, admin authentication.
+
+Those that cannot block are ``async``: FastAPI runs a plain ``def`` dependency on a worker thread, a hop per
+request (and, in a Ray Serve replica, a new thread per request: docs/ray.md)."""
 
 from typing import Annotated
 
@@ -12,32 +15,38 @@ from ..serving.state import ServiceState
 from .admin import check_admin
 
 
-def get_models(request: Request) -> ModelSet:
+async def get_models(request: Request) -> ModelSet:
     """This worker's model set (it follows the control store; its changes go to every worker)."""
     if (models := request.app.state.service.models) is None:  # still starting (Ray mode starts in a thread)
         raise NoModel(f"no model is loaded: {request.app.state.service.problem}")
     return models
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-def get_builds(request: Request) -> Builds:
+async def get_builds(request: Request) -> Builds:
     return request.app.state.builds
 
 
-def get_model(request: Request, state: Annotated[ServiceState, Depends(get_state)],
-              model: Annotated[str | None, Query(description="A model of the repository (default: the default "
-                                                             "model); GET /models lists them")] = None):
+async def get_model(request: Request, state: Annotated[ServiceState, Depends(get_state)],
+                    models: Annotated[ModelSet, Depends(get_models)],
+                    model: Annotated[str | None, Query(description="A model of the repository (default: the "
+                                                                   "default model); GET /models lists them")] = None):
     """The model asked for (``?model=NAME``, else the default), held until the response is sent: 404 for an
     unknown name (listing the known), 409 for one not loaded (unless autoload), 503 when no default is loaded."""
-    with state.use_model(model or None) as served:
+    name = model or None
+    # A loaded model is taken here; the rest (the repository's listing, an autoload) may block: on a thread.
+    served = models.acquire(name) or await state.run(models.acquire_missing, name)
+    try:
         request.scope.setdefault("state", {})["model"] = served.name  # the metrics' model label
         yield served
+    finally:
+        served.release()
 
 
-def admitted(state: Annotated[ServiceState, Depends(get_state)]):
+async def admitted(state: Annotated[ServiceState, Depends(get_state)]):
     """One segmentation in flight, or 503 + Retry-After when ``max_inflight`` are already running: bounded work,
     shedding load instead of queueing without limit."""
     with state.admit() as ok:
@@ -46,7 +55,7 @@ def admitted(state: Annotated[ServiceState, Depends(get_state)]):
         yield
 
 
-def pixels(request: Request):
+async def pixels(request: Request):
     """This request's share of the decoded-pixel budget (``SEGMENT_MAX_PIXELS_INFLIGHT``), taken from the image
     header before decoding and given back once the response is done."""
     reservation = Reservation(request.app.state.pixels)

@@ -10,7 +10,6 @@ from contextlib import contextmanager
 
 import cv2
 import numpy as np
-from fastapi.concurrency import run_in_threadpool
 
 from ..core.errors import ImageError, NotFound
 from ..serving.budget import PixelBudget, Reservation
@@ -54,7 +53,7 @@ async def infer(state: ServiceState, control: ModelControl, name: str, req: Infe
             images, pixels = input_images(req, raw, state.settings.max_request_images)
             sizes = image_sizes(images, pixels, state.settings)
             reservation.take(sum(width * height for width, height, _ in sizes))
-            segs = await run_in_threadpool(segment_all, model, images, sizes, state.settings, pixels)
+            segs = await state.run(segment_all, model, images, sizes, state.settings, pixels)
             for seg in segs:
                 state.metrics.observe_stages(seg.timings)
             tracing.segmentations(segs, model)

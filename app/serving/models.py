@@ -74,15 +74,17 @@ class ModelSet:
     def use(self, name: str | None = None):
         """The model ``name`` (None: the default), held for one request: 404 for a name the repository does not
         have (listing the known ones), 409 for one not loaded (unless autoload is on: then it is loaded now)."""
-        model = self._acquire(name)
+        model = self.acquire(name)
         if model is None:
-            model = self._acquire_missing(name)
+            model = self.acquire_missing(name)
         try:
             yield model
         finally:
             model.release()
 
-    def _acquire(self, name: str | None) -> ServedModel | None:
+    def acquire(self, name: str | None) -> ServedModel | None:
+        """The model ``name`` (None: the default) held for the caller, when this worker has it loaded; else None.
+        Waits for nothing but a lock (safe on the event loop)."""
         with self._lock:
             key = name or self._default
             model = self._models.get(key) if key else None
@@ -91,14 +93,16 @@ class ModelSet:
                 return model.acquire()
         return None
 
-    def _acquire_missing(self, name: str | None) -> ServedModel:
+    def acquire_missing(self, name: str | None) -> ServedModel:
+        """The model ``name`` held when :meth:`acquire` found none: loaded now with autoload, else the error that
+        says why not. May block (the repository's listing, a load)."""
         if name is None:
             raise NoModel(f"no model is loaded: {self.problem}")
         self.check_known(name)
         if self.settings.autoload:
             self.load(name)
             self._evict(keep=name)
-            if (model := self._acquire(name)) is not None:
+            if (model := self.acquire(name)) is not None:
                 return model
         why = f" (loading failed in this worker: {self._failed[name]})" if name in self._failed else ""
         raise Conflict(f"model {name!r} is not loaded{why}; load it with POST /models/{name}/load (admin token), or "

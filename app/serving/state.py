@@ -1,11 +1,15 @@
 """The serving state: the model repository, the control store, the models served (a :class:`ModelSet`) and
 admission."""
 
+import asyncio
+import contextvars
+import functools
 import hashlib
 import logging
 import os
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -45,6 +49,7 @@ class ServiceState:
         self.models: ModelSet | None = None
         self.bench_lock = threading.Lock()  # one benchmark at a time
         self.inflight = 0
+        self.pool: ThreadPoolExecutor | None = None  # the request threads, from start() to stop()
 
     @property
     def model(self) -> ServedModel | None:
@@ -89,10 +94,21 @@ class ServiceState:
         finally:
             self.inflight -= 1
 
+    async def run(self, fn, /, *args):
+        """``fn(*args)``, blocking work of a request (decode, inference, encode), on this worker's request threads;
+        context variables (tracing) go with it."""
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, call)
+
     def start(self) -> None:
         """Fill an empty repository, clean what a crash left staged, open the control store and load what it
         wants (the default: persisted, else the configured model)."""
         s = self.settings
+        # The same few threads for every request, so that what a thread keeps of its own on the GPU (ONNX Runtime's
+        # CUDA handles, nvImageCodec's decoders) is made once. anyio's worker threads, FastAPI's default, last one
+        # request on an event loop without a root task, as in a Ray Serve replica: there every request paid for a
+        # new thread and its GPU handles (docs/ray.md).
+        self.pool = ThreadPoolExecutor(s.max_inflight + s.live_max_streams, thread_name_prefix="segment-request")
         seed_repository(s.engines_dir)
         if removed := self.repository.clean_staged():
             log.warning("removed %d staged upload file(s) left by a process that died: %s", len(removed), removed)
@@ -108,3 +124,5 @@ class ServiceState:
     def stop(self) -> None:
         if self.models is not None:
             self.models.stop()
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)

@@ -6,7 +6,6 @@ import asyncio
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
-from fastapi.concurrency import run_in_threadpool
 
 from ...core.errors import ServiceError
 from ...serving.live import LatestFrame, segment_frame
@@ -38,7 +37,7 @@ async def live(
             while (item := await mailbox.get()) is not None:
                 index, data = item
                 try:  # the model is held in the worker thread, only while this frame is in it
-                    png, timings = await run_in_threadpool(segment_frame, state, model, data, view, alpha)
+                    png, timings = await state.run(segment_frame, state, model, data, view, alpha)
                 except ServiceError as exc:
                     await ws.send_json({"frame": index, "error": exc.detail, "status": exc.status_code})
                     continue

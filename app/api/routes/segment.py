@@ -5,7 +5,6 @@ import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Query, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from ...serving.budget import Reservation
@@ -38,12 +37,12 @@ async def segment_upload(request: Request, state: ServiceState, model: ServedMod
     tracing.stage("read", start)
     header = check_header(data, s.max_pixels, s.min_side)  # the header alone: no pixel is decoded yet
     pixels.take(header[0] * header[1])
-    return await run_in_threadpool(segment_bytes, model, data, s.max_pixels, s.max_dynamic_side, s.min_side,
-                                   model.decodes_on_gpu and not photo, header)
+    return await state.run(segment_bytes, model, data, s.max_pixels, s.max_dynamic_side, s.min_side,
+                           model.decodes_on_gpu and not photo, header)
 
 
 async def encode(seg: Segmentation, model: ServedModel, view: str, alpha: float, state: ServiceState) -> bytes:
-    return await run_in_threadpool(render, seg, model, view, alpha, state.settings.png_compression)
+    return await state.run(render, seg, model, view, alpha, state.settings.png_compression)
 
 
 @router.post("/segment", response_class=Response, responses={**PNG_RESPONSE, **ERRORS})
