@@ -74,8 +74,9 @@ def main() -> int:
     # The actors' apps read these at start-up, as `segment serve --workers N` sets them for its workers; Ray's
     # workers inherit the environment of the local Ray this process starts.
     os.environ["SEGMENT_WORKERS"] = str(args.actors)
-    metrics_dir = None if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else tempfile.mkdtemp(prefix="segment-metrics-")
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir or "")
+    metrics_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="segment-metrics-")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the finally below runs
     listener = socket.create_server((args.host, args.port), backlog=2048)
@@ -83,6 +84,7 @@ def main() -> int:
     handoff = socket.socket(socket.AF_UNIX)
     handoff.bind(os.path.join(handoff_dir, "listener"))
     handoff.listen(args.actors)
+    handoff.settimeout(args.start_timeout)  # an actor never placed (too few CPUs or GPUs in Ray) ends the start
     cpus = max(1, (os.cpu_count() or 1) // args.actors)
     try:
         ray.init(include_dashboard=False, log_to_driver=True)

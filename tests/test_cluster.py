@@ -164,6 +164,26 @@ def segment(url: str, data: bytes, **params) -> httpx.Response:
                       timeout=30)
 
 
+def test_settings_reach_the_replicas_as_variables_that_parse_back(monkeypatch):
+    """``env_of``: the settings a replica is deployed with come back the same from its ``SEGMENT_*`` variables;
+    one explicitly None (unset) gives no variable at all, replacing one in this environment."""
+    from app.cluster.deployments import env_of
+    from app.core.config import Settings
+
+    monkeypatch.setenv("SEGMENT_RAY_MAX_REPLICAS_PER_NODE", "3")
+    s = Settings(model="m", batch_max=4, ray_model_gpus=0.5, ray_max_replicas_per_node=None,
+                 ort_cuda_options={"prefer_nhwc": 1})
+    env = env_of(s)
+    assert "SEGMENT_RAY_MAX_REPLICAS_PER_NODE" not in env
+    for key in [k for k in os.environ if k.startswith("SEGMENT_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    back = Settings()
+    assert (back.model, back.batch_max, back.ray_model_gpus, back.ray_max_replicas_per_node,
+            back.ort_cuda_options) == ("m", 4, 0.5, None, {"prefer_nhwc": 1})
+
+
 def test_every_route_answers_as_the_embedded_service(cluster, tmp_path):
     """Same PNG bytes, same errors, the page, the repository, metrics; headers name the replicas and nodes."""
     assert cluster.wait_ready().json() == {"status": "ready", "model": "rgb"}

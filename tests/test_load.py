@@ -210,3 +210,45 @@ def test_requests_reuse_the_service_threads_on_a_loop_without_a_root_task(engine
         server.should_exit = True
         thread.join(30)
     assert started == [], f"threads started during 5 requests: {started}"
+
+
+def test_a_cancelled_request_holds_its_model_until_its_thread_is_done(engines):
+    """A request cancelled while its work runs on a request thread (its client gone, a Serve timeout) keeps its
+    model until that thread is done, and only then answers with the cancellation: the thread cannot be stopped,
+    and a model let go of meanwhile could be closed under it."""
+    import asyncio
+
+    from app.core.config import Settings
+    from app.serving.state import ServiceState
+
+    rgb_model(engines / "rgb.onnx", height="H", width="W")
+    state = ServiceState(Settings(engines_dir=engines, model="rgb"))
+    state.start()
+    model, go_on, done = state.model, threading.Event(), []
+
+    def work():
+        go_on.wait(10)
+        done.append(True)
+
+    async def request():
+        async with state.hold():
+            await state.run(work)
+
+    async def main():
+        task = asyncio.create_task(request())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        await asyncio.sleep(0.1)
+        held_while_working = (task.done(), model._users)
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return held_while_working
+
+    try:
+        assert asyncio.run(main()) == (False, 1)  # cancelled, yet still waiting, the model held
+        assert done == [True] and model._users == 0
+    finally:
+        state.stop()
+    with pytest.raises(Exception, match="no model is loaded"):  # stopped: a request answers 503, not a crash
+        asyncio.run(state.run(work))

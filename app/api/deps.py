@@ -31,19 +31,13 @@ async def get_builds(request: Request) -> Builds:
 
 
 async def get_model(request: Request, state: Annotated[ServiceState, Depends(get_state)],
-                    models: Annotated[ModelSet, Depends(get_models)],
                     model: Annotated[str | None, Query(description="A model of the repository (default: the "
                                                                    "default model); GET /models lists them")] = None):
     """The model asked for (``?model=NAME``, else the default), held until the response is sent: 404 for an
     unknown name (listing the known), 409 for one not loaded (unless autoload), 503 when no default is loaded."""
-    name = model or None
-    # A loaded model is taken here; the rest (the repository's listing, an autoload) may block: on a thread.
-    served = models.acquire(name) or await state.run(models.acquire_missing, name)
-    try:
+    async with state.hold(model or None) as served:
         request.scope.setdefault("state", {})["model"] = served.name  # the metrics' model label
         yield served
-    finally:
-        served.release()
 
 
 async def admitted(state: Annotated[ServiceState, Depends(get_state)]):

@@ -49,7 +49,7 @@ async def infer(state: ServiceState, control: ModelControl, name: str, req: Infe
     images' pixels are reserved from the decoded-pixel ``budget`` before any is decoded (503 when it is spent)."""
     reservation = Reservation(budget)
     try:
-        with control.use(name) as model:
+        async with control.use(name) as model:
             images, pixels = input_images(req, raw, state.settings.max_request_images)
             sizes = image_sizes(images, pixels, state.settings)
             reservation.take(sum(width * height for width, height, _ in sizes))

@@ -7,8 +7,8 @@ unloads it (``POST /models/{name}/unload``; the default model cannot be); infere
 (404 unknown; 409 not loaded, unless ``SEGMENT_AUTOLOAD`` loads it).
 """
 
-from contextlib import contextmanager
-from typing import Iterator
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi.concurrency import run_in_threadpool
 
@@ -50,10 +50,10 @@ class ModelControl:
             num_classes = None
         return {"kind": kind, "num_classes": num_classes}
 
-    @contextmanager
-    def use(self, name: str) -> Iterator[ServedModel]:
+    @asynccontextmanager
+    async def use(self, name: str) -> AsyncIterator[ServedModel]:
         """The model ``name``, held for one request (the control plane's 404, 409 and autoload)."""
-        with self.state.use_model(name) as model:
+        async with self.state.hold(name) as model:
             yield model
 
     async def load(self, name: str) -> None:

@@ -239,10 +239,13 @@ def env_of(settings: Settings) -> dict[str, str]:
     or present in this environment, so a Serve config file stays the place for the rest)."""
     env = {k: v for k, v in os.environ.items() if k.startswith("SEGMENT_")}
     for name in settings.model_fields_set:
-        value = getattr(settings, name)
+        value, key = getattr(settings, name), f"SEGMENT_{name.upper()}"
+        if value is None:  # None is "not set": no variable ("null" would not parse back)
+            env.pop(key, None)
+            continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
-        env[f"SEGMENT_{name.upper()}"] = str(value) if isinstance(value, (str, Path)) else json.dumps(value)
+        env[key] = str(value) if isinstance(value, (str, Path)) else json.dumps(value)
     return env
 
 

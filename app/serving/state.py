@@ -10,7 +10,7 @@ import os
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -81,6 +81,27 @@ class ServiceState:
         with self.models.use(name) as model:
             yield model
 
+    @asynccontextmanager
+    async def hold(self, name: str | None = None):
+        """:meth:`use_model` for a request on the event loop: a model loaded here is taken at once; an unknown name
+        or an autoload (the repository's listing, a load) goes to a request thread."""
+        if self.models is None:  # still starting (Ray mode starts in a thread)
+            raise NoModel(f"no model is loaded: {self.problem}")
+        model = self.models.acquire(name)
+        if model is None:
+            got: list[ServedModel] = []
+            try:
+                await self.run(lambda: got.append(self.models.acquire_missing(name)))
+            except BaseException:
+                for held in got:  # cancelled while it loaded (run waits for the thread): let go of it
+                    held.release()
+                raise
+            model = got[0]
+        try:
+            yield model
+        finally:
+            model.release()
+
     @contextmanager
     def admit(self):
         """Count one segmentation request in flight; yields False when ``max_inflight`` are already running."""
@@ -96,9 +117,23 @@ class ServiceState:
 
     async def run(self, fn, /, *args):
         """``fn(*args)``, blocking work of a request (decode, inference, encode), on this worker's request threads;
-        context variables (tracing) go with it."""
-        call = functools.partial(contextvars.copy_context().run, fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(self.pool, call)
+        context variables (tracing) go with it. A request cancelled meanwhile (its client gone, a timeout) still
+        waits for the thread to finish, so that what it holds (its model, its admission, its pixels) is not let go
+        of while the work runs."""
+        pool = self.pool
+        if pool is None:
+            raise NoModel(f"no model is loaded: {self.problem}")
+        work = asyncio.get_running_loop().run_in_executor(
+            pool, functools.partial(contextvars.copy_context().run, fn, *args))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            while not work.done():
+                try:
+                    await asyncio.wait({work})
+                except asyncio.CancelledError:
+                    pass
+            raise
 
     def start(self) -> None:
         """Fill an empty repository, clean what a crash left staged, open the control store and load what it
@@ -125,4 +160,5 @@ class ServiceState:
         if self.models is not None:
             self.models.stop()
         if self.pool is not None:
-            self.pool.shutdown(wait=False)
+            pool, self.pool = self.pool, None  # a request now answers 503, as before the start
+            pool.shutdown(wait=False)

@@ -17,7 +17,7 @@ from ..oip import ProtocolError, V2Route, encode_response, error, read_request
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=V2Route)
 
 
-def model_control(state: StateDep) -> ModelControl:
+async def model_control(state: StateDep) -> ModelControl:
     return ModelControl(state)
 
 
