@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 EPILOG = """examples (the seed's three commands work as written, on .onnx files too):
@@ -22,6 +23,22 @@ EPILOG = """examples (the seed's three commands work as written, on .onnx files 
 """
 
 
+@contextmanager
+def worker_environment(workers: int):
+    """What the server's worker processes read at start-up, set in this process's environment for them to
+    inherit: their number, and where Prometheus values are shared (a temporary folder, removed afterwards, unless
+    PROMETHEUS_MULTIPROC_DIR is set)."""
+    os.environ["SEGMENT_WORKERS"] = str(workers)
+    metrics_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="segment-metrics-")
+    try:
+        yield
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -34,19 +51,11 @@ def cmd_serve(args) -> int:
     if args.address:
         raise fail("--address joins a Ray cluster: use it with --ray")
     seed_repository(settings.engines_dir)  # once, before the workers start and open the control store there
-    workers, metrics_dir = args.workers or settings.workers, None
-    if workers > 1:
-        # The worker processes read both at start-up: their settings, and where Prometheus values are shared.
-        os.environ["SEGMENT_WORKERS"] = str(workers)
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="segment-metrics-")
-    try:
+    workers = args.workers or settings.workers
+    with worker_environment(workers) if workers > 1 else nullcontext():
         uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=workers,
                     log_level=settings.log_level, timeout_graceful_shutdown=30,
                     timeout_worker_healthcheck=settings.worker_start_timeout_s)
-    finally:
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

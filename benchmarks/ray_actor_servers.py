@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app.cli import worker_environment  # noqa: E402
 
 
 def serve_actor_class():
@@ -71,12 +74,6 @@ def main() -> int:
     args = ap.parse_args()
     import ray
 
-    # The actors' apps read these at start-up, as `segment serve --workers N` sets them for its workers; Ray's
-    # workers inherit the environment of the local Ray this process starts.
-    os.environ["SEGMENT_WORKERS"] = str(args.actors)
-    metrics_dir = None
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="segment-metrics-")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the finally below runs
     listener = socket.create_server((args.host, args.port), backlog=2048)
@@ -86,27 +83,28 @@ def main() -> int:
     handoff.listen(args.actors)
     handoff.settimeout(args.start_timeout)  # an actor never placed (too few CPUs or GPUs in Ray) ends the start
     cpus = max(1, (os.cpu_count() or 1) // args.actors)
-    try:
-        ray.init(include_dashboard=False, log_to_driver=True)
-        server = serve_actor_class().options(num_cpus=cpus, num_gpus=args.gpus)
-        actors = [server.remote(handoff.getsockname(), os.environ.get("SEGMENT_LOG_LEVEL", "warning"))
-                  for _ in range(args.actors)]
-        for _ in actors:
-            conn, _ = handoff.accept()
-            with conn:
-                socket.send_fds(conn, [b"s"], [listener.fileno()])
-        pids = ray.get([a.ready.remote(args.start_timeout) for a in actors])
-        print(f"{len(pids)} actors serving on http://{args.host}:{args.port} (pids {pids})", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        ray.shutdown()
-        listener.close()
-        shutil.rmtree(handoff_dir, ignore_errors=True)
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+    # The actors read what `segment serve --workers N` sets for its workers: Ray's workers inherit the
+    # environment of the local Ray this process starts.
+    with worker_environment(args.actors):
+        try:
+            ray.init(include_dashboard=False, log_to_driver=True)
+            server = serve_actor_class().options(num_cpus=cpus, num_gpus=args.gpus)
+            actors = [server.remote(handoff.getsockname(), os.environ.get("SEGMENT_LOG_LEVEL", "warning"))
+                      for _ in range(args.actors)]
+            for _ in actors:
+                conn, _ = handoff.accept()
+                with conn:
+                    socket.send_fds(conn, [b"s"], [listener.fileno()])
+            pids = ray.get([a.ready.remote(args.start_timeout) for a in actors])
+            print(f"{len(pids)} actors serving on http://{args.host}:{args.port} (pids {pids})", flush=True)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            ray.shutdown()
+            listener.close()
+            shutil.rmtree(handoff_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -143,8 +143,8 @@ def profile(processes: dict, roles: tuple, seconds: float, out: Path, native: bo
     """py-spy recording, for ``seconds``, the busiest process so far of each of ``roles`` (``cpu_by_process``: an
     embedded worker rather than its supervisor): one profile of the threads at work (``<role>.txt``) and one of
     the thread holding the GIL (``<role>-gil.txt``), raw collapsed stacks, the process never paused. ``native``:
-    the threads at work with their C frames too (``<role>-native.txt``, at a quarter of the
-    rate: py-spy pauses the process for each of those samples)."""
+    the threads at work with their C frames too (``<role>-native.txt``, at a quarter of the rate: py-spy pauses
+    the process for each of those samples)."""
     out.mkdir(parents=True, exist_ok=True)
     spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if spy is None:
@@ -164,8 +164,8 @@ def profile(processes: dict, roles: tuple, seconds: float, out: Path, native: bo
         for suffix, extra in kinds:
             with open(out / f"{name}{suffix}.log", "wb") as log:  # the child keeps its own copy of the handle
                 spies.append(subprocess.Popen(
-                    [spy, "record", "--pid", str(pid), "--duration", str(spied(seconds)), "--format", "raw", "--threads", *extra,
-                     "--output", str(out / f"{name}{suffix}.txt")],
+                    [spy, "record", "--pid", str(pid), "--duration", str(spied(seconds)), "--format", "raw",
+                     "--threads", *extra, "--output", str(out / f"{name}{suffix}.txt")],
                     stdout=subprocess.DEVNULL, stderr=log))
     return spies
 
@@ -223,8 +223,8 @@ def main() -> int:
     ap.add_argument("--gpu", action="store_true", help="model replicas on the GPU (SEGMENT_RAY_MODEL_GPUS)")
     ap.add_argument("--model-gpus", type=float, default=1.0,
                     help="with --gpu: GPUs per model replica (0.5: two replicas share one GPU)")
-    ap.add_argument("--servers", default="embedded,ray", help="which to run, in this order: embedded, ray, actors (the app in plain Ray "
-                    "actors, no Serve)")
+    ap.add_argument("--servers", default="embedded,ray",
+                    help="which to run, in this order: embedded, ray, actors (the app in plain Ray actors, no Serve)")
     ap.add_argument("--alone", action="store_true",
                     help="start, measure and stop each server in turn, instead of both up at once with rounds "
                          "alternating: servers sharing a GPU contend for its JPEG engines (docs/ray.md)")
@@ -251,7 +251,8 @@ def main() -> int:
                          "busiest embedded worker, ingress, model and fused replica during each server's first load "
                          "point into this folder")
     ap.add_argument("--profile-native", action="store_true",
-                    help="with --profile, also a profile with C frames (py-spy --native; pauses the process per sample)")
+                    help="with --profile, also a profile with C frames (py-spy --native; pauses the process for "
+                         "each sample)")
     args = ap.parse_args()
     # `timeout` ends a run with SIGTERM. The servers run in sessions of their own, so only the finally below stops
     # them: a Ray left running holds its ports (HAProxy's 8404 and 9101) and fails the next run.

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Header, HTTPException, Query, Request
 
 from ..builds.service import Builds
-from ..serving.models import ModelSet, NoModel
+from ..serving.models import ModelSet
 from ..serving.budget import Reservation
 from ..serving.served import ServedModel
 from ..serving.state import ServiceState
@@ -17,9 +17,7 @@ from .admin import check_admin
 
 async def get_models(request: Request) -> ModelSet:
     """This worker's model set (it follows the control store; its changes go to every worker)."""
-    if (models := request.app.state.service.models) is None:  # still starting (Ray mode starts in a thread)
-        raise NoModel(f"no model is loaded: {request.app.state.service.problem}")
-    return models
+    return request.app.state.service.started_models()
 
 
 async def get_state(request: Request) -> ServiceState:

@@ -73,25 +73,28 @@ class ServiceState:
             log.info("%s: JPEG uploads of %dx%d are decoded on the GPU (nvImageCodec)", name, *model.input_hw[::-1])
         return served
 
+    def started_models(self) -> ModelSet:
+        """This worker's model set; :class:`NoModel` (503) while it is still starting."""
+        if self.models is None:  # still starting (Ray mode starts in a thread)
+            raise NoModel(f"no model is loaded: {self.problem}")
+        return self.models
+
     @contextmanager
     def use_model(self, name: str | None = None):
         """The model ``name`` (None: the default), held for the duration of one request."""
-        if self.models is None:  # still starting (Ray mode starts in a thread)
-            raise NoModel(f"no model is loaded: {self.problem}")
-        with self.models.use(name) as model:
+        with self.started_models().use(name) as model:
             yield model
 
     @asynccontextmanager
     async def hold(self, name: str | None = None):
         """:meth:`use_model` for a request on the event loop: a model loaded here is taken at once; an unknown name
         or an autoload (the repository's listing, a load) goes to a request thread."""
-        if self.models is None:  # still starting (Ray mode starts in a thread)
-            raise NoModel(f"no model is loaded: {self.problem}")
-        model = self.models.acquire(name)
+        models = self.started_models()
+        model = models.acquire(name)
         if model is None:
             got: list[ServedModel] = []
             try:
-                await self.run(lambda: got.append(self.models.acquire_missing(name)))
+                await self.run(lambda: got.append(models.acquire_missing(name)))
             except BaseException:
                 for held in got:  # cancelled while it loaded (run waits for the thread): let go of it
                     held.release()
