@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.client import (AsyncClient, BadImage, Client, Conflict, ConnectionFailed, ModelMismatch, Unauthorized,
-                        Unavailable)
+from app.client import (AsyncClient, BadImage, Client, Conflict, ConnectionFailed, ModelMismatch, ServerError,
+                        Unauthorized, Unavailable)
 
 from .models import RGB_META, ROOT, decode_png, png_bytes, quadrants
 from .server import TOKEN, free_port
@@ -110,6 +110,35 @@ def test_503_is_retried_with_backoff(protocol_server, retry_after):
         with pytest.raises(Unavailable, match="busy"):
             client.segment(png_bytes(photo))
     assert len(calls) == 3
+
+
+def first_answer_500(content_type: str):
+    """A transport answering the first request with a 500 of ``content_type``, then passing to the real server."""
+    real, calls = httpx.HTTPTransport(), []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            body = b'{"detail": "the service failed"}' if "json" in content_type else b"Internal Server Error"
+            return httpx.Response(500, content=body, headers={"content-type": content_type})
+        return real.handle_request(request)
+
+    return httpx.MockTransport(handle), calls
+
+
+def test_a_proxys_500_is_retried_and_the_services_own_is_not(protocol_server):
+    """A plain-text 500 is a proxy's (Ray Serve's, for a replica lost with its node): tried again. A 500 with the
+    service's JSON detail is its own answer: raised at once."""
+    photo, truth = quadrants(32, 32)
+    transport, calls = first_answer_500("text/plain; charset=utf-8")
+    with Client(protocol_server.url, transport=transport, retries=1, backoff=0.01) as client:
+        assert np.array_equal(client.segment(png_bytes(photo)), truth)
+    assert len(calls) == 2
+    transport, calls = first_answer_500("application/json")
+    with Client(protocol_server.url, transport=transport, retries=1, backoff=0.01) as client:
+        with pytest.raises(ServerError, match="the service failed"):
+            client.segment(png_bytes(photo))
+    assert len(calls) == 1
 
 
 def test_many_files_with_progress_and_one_bad(protocol_server, photos, tmp_path, capsys):

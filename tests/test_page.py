@@ -124,7 +124,7 @@ def test_model_picker_sends_the_chosen_model(server, browser):
 
 def answer_first(kind: str):
     """A route handler for /segment/json: the first request answered as ``kind`` says (a 503 with Retry-After: 1,
-    or no answer), the next ones by the real server; ``seen`` counts them."""
+    a proxy's plain-text 500, or no answer), the next ones by the real server; ``seen`` counts them."""
     seen = []
 
     def handle(route):
@@ -133,15 +133,17 @@ def answer_first(kind: str):
             route.continue_()
         elif kind == "503":
             route.fulfill(status=503, headers={"Retry-After": "1"}, json={"detail": "no model replica is free"})
+        elif kind == "proxy 500":  # Ray Serve's proxy, for a request whose replica was lost with its node
+            route.fulfill(status=500, content_type="text/plain; charset=utf-8", body="Internal Server Error")
         else:
             route.abort("connectionreset")
     return handle, seen
 
 
-@pytest.mark.parametrize("kind", ["503", "no answer"])
+@pytest.mark.parametrize("kind", ["503", "proxy 500", "no answer"])
 def test_a_busy_server_is_tried_once_more(server, browser, kind):
-    """The first answer a 503 + Retry-After (or none at all): the status line says it retries, and the mask of the
-    second, real answer arrives."""
+    """The first answer a 503 + Retry-After, a proxy's 500 or none at all: the status line says it retries, and the
+    mask of the second, real answer arrives."""
     page = browser.new_page()
     handle, seen = answer_first(kind)
     page.route("**/segment/json*", handle)

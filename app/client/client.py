@@ -5,9 +5,9 @@
 ...     mask = client.segment("street.jpg", view="mask", output="pil")
 ...     client.segment_files(["a.jpg", "b.jpg"])          # a.mask.png, b.mask.png beside them
 
-Requests answered 502/503/504 (busy, no model yet) or not answered at all are retried with exponential backoff,
-waiting the server's ``Retry-After`` where it says one; refusals raise a :class:`~.errors.SegmentError` subclass with
-the server's ``detail``.
+Requests answered 502/503/504 (busy, no model yet), a 500 from a proxy in front (not the service's JSON) or not
+answered at all are retried with exponential backoff, waiting the server's ``Retry-After`` where it says one;
+refusals raise a :class:`~.errors.SegmentError` subclass with the server's ``detail``.
 """
 
 import asyncio
@@ -20,8 +20,8 @@ import httpx
 from tqdm import tqdm
 
 from .errors import ConnectionFailed, SegmentError
-from .wire import (RETRY_STATUSES, ImageInput, Output, View, check, mask_path, result, retry_delay, segment_params,
-                   upload)
+from .wire import (ImageInput, Output, View, check, mask_path, result, retry_delay, segment_params, upload,
+                   worth_retrying)
 
 Destination = Callable[[Path, View], Path]
 
@@ -30,7 +30,7 @@ class _Base:
     def __init__(self, url: str, *, model: str | None = None, token: str | None = None, timeout: float = 60.0,
                  retries: int = 3, backoff: float = 0.5, max_delay: float = 30.0):
         """``model``: the model every call asks for unless it names one; ``token``: the admin token (sent as a
-        bearer token); ``retries``: further attempts after a 502/503/504 or no answer."""
+        bearer token); ``retries``: further attempts after a 502/503/504, a proxy's 500 or no answer."""
         self.url, self.model = url.rstrip("/"), model
         self.retries, self.backoff, self.max_delay = retries, backoff, max_delay
         self._options = {"base_url": self.url, "timeout": timeout,
@@ -42,7 +42,7 @@ class _Base:
             if exc is not None:
                 raise ConnectionFailed(0, f"no answer from {self.url}: {exc}") from exc
             return None
-        if exc is None and response.status_code not in RETRY_STATUSES:
+        if exc is None and not worth_retrying(response):
             return None
         return retry_delay(response, attempt, self.backoff, self.max_delay)
 
@@ -64,7 +64,8 @@ class Client(_Base):
         self._http.close()
 
     def request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        """One request, retried on 502/503/504 or no answer; the last response is returned whatever its status."""
+        """One request, retried on 502/503/504, a proxy's 500 or no answer; the last response is returned whatever
+        its status."""
         attempt = 0
         while True:
             response = exc = None

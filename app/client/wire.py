@@ -73,6 +73,14 @@ def result(response, output: Output, model: str | None):
     return np.asarray(image if image.mode in ("L", "I;16", "I") else image.convert("RGB"))
 
 
+def worth_retrying(response) -> bool:
+    """A refusal another try may not meet: busy or no model yet (502/503/504), or a 500 that is not the service's
+    own answer (no JSON ``detail``): Ray Serve's proxy answers a request whose replica was lost with its node so
+    (the fused layout, docs/ray.md)."""
+    code = response.status_code
+    return code in RETRY_STATUSES or (code == 500 and "json" not in response.headers.get("content-type", ""))
+
+
 def retry_delay(response, attempt: int, backoff: float, max_delay: float) -> float:
     """Seconds before retry number ``attempt`` (0-based): the server's ``Retry-After`` when it gives one (in
     seconds), else exponential backoff from ``backoff``; capped at ``max_delay``."""

@@ -81,8 +81,10 @@ form.addEventListener("submit", async (ev) => {
   }
 });
 
-// A 503 with Retry-After (the server busy, or a Ray replica lost) or no answer at all is tried once more, after the
-// server's Retry-After (at most RETRY_CAP_S seconds; 1 s without one); a second failure is the caller's to show.
+// Tried once more, after the server's Retry-After (at most RETRY_CAP_S seconds; 1 s without one): a 503 with
+// Retry-After (the server busy, or a Ray replica lost), a 5xx that is not the service's own JSON answer (a proxy in
+// front: Ray Serve's answers 500 for a request whose replica was lost with its node) or no answer at all. A second
+// failure is the caller's to show.
 const RETRY_CAP_S = 5;
 
 async function postRetryingOnce(url, body) {
@@ -90,8 +92,9 @@ async function postRetryingOnce(url, body) {
   try {
     const res = await fetch(url, { method: "POST", body });
     const after = res.headers.get("Retry-After");
-    if (res.status !== 503 || after === null) return res;
-    wait = Number(after);
+    const fromProxy = res.status >= 500 && !(res.headers.get("Content-Type") || "").includes("json");
+    if (!(res.status === 503 && after !== null) && !fromProxy) return res;
+    wait = Number(after ?? 1);
     if (!Number.isFinite(wait) || wait < 0) wait = 1;  // an HTTP date, or nonsense
   } catch (err) {
     wait = 1;
