@@ -8,6 +8,7 @@ watchdog ends the run if Ray ever hangs. Skipped, saying why, where the ``cluste
 
 import fcntl
 import faulthandler
+import functools
 import os
 import shutil
 import socket
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 
 from app.builds.jobs import MACHINE_LOCK, JobQueue
+from app.client import Client, ConnectionFailed
 from app.repository import ControlStore
 
 from .models import ROOT, decode_png, make_client, png_bytes, quadrants, raw_rgb_model, rgb_model, slow_rgb_model
@@ -308,6 +310,36 @@ def test_the_fused_layout_serves_the_whole_app_in_each_replica(cluster):
         serve.delete("fused")
 
 
+def test_a_serve_config_file_reaches_every_replica_with_its_args(cluster):
+    """deploy/serve.yaml deployed as ``serve deploy`` does it (the controller applies the file): its ``args`` reach
+    the ingress and the model replicas although its ``ray_actor_options`` replace the options the application
+    sets, runtime environment included. Before the settings travelled as arguments, both replicas ran on the
+    defaults here (another repository, another model) and never became ready."""
+    import yaml
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    (app,) = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())["applications"]
+    app.update(name="fromfile", route_prefix="/fromfile")
+    app["args"] = {**app["args"], "engines_dir": str(cluster.tmp / "engines"), "model": "raw",
+                   "control_db": str(cluster.tmp / "fromfile.db")}
+    for deployment in app["deployments"]:  # the file's own, sized for this cluster
+        assert "ray_actor_options" in deployment
+        deployment.pop("autoscaling_config", None)
+        deployment.update(num_replicas=1, ray_actor_options={"num_cpus": 0.1, "num_gpus": 0})
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
+    try:
+        assert cluster.wait_ready("/fromfile", 90).json() == {"status": "ready", "model": "raw"}
+        photo, truth = quadrants(64, 96)
+        r = segment(f"{cluster.url}/fromfile", png_bytes(photo), view="labels")
+        assert r.status_code == 200 and r.headers["x-model"] == "raw", r.text
+        assert np.array_equal(decode_png(r.content), truth)
+        names = {m["name"] for m in httpx.get(f"{cluster.url}/fromfile/models", timeout=30).json()["models"]}
+        assert {"raw", "rgb"} <= names and "camvid_bisenetv2" not in names, names  # the args' repository
+    finally:
+        serve.delete("fromfile")
+
+
 def test_the_ingress_sends_a_jpeg_to_a_gpu_decoding_replica_and_decodes_it_itself_when_declined(tmp_path):
     """The split layout's JPEG path, with a stand-in for the model deployment's handle (no GPU here): a JPEG of the
     model's size goes to ``infer_jpeg`` as its bytes; a replica that declines it (None), or that predates
@@ -505,23 +537,45 @@ def wait_until(predicate, timeout: float) -> bool:
     return True
 
 
-class Load:
-    """Client threads posting photos until stopped; every answer kept (status, model, headers)."""
+class Recording(httpx.HTTPTransport):
+    """Keeps every response's status and content type, the ones a client then retries included."""
 
-    def __init__(self, url: str, clients: int = 4):
-        self.url, self.answers, self.errors = url, [], []
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        self.seen.append((time.monotonic(), response.status_code, response.headers.get("content-type", ""),
+                          response.headers.get("retry-after")))
+        return response
+
+
+class Load:
+    """Client threads posting photos until stopped; every answer kept (status, model, headers). With ``retries``
+    the shipped client posts them (retrying that often) and ``tries`` keeps every answer it had."""
+
+    def __init__(self, url: str, clients: int = 4, retries: int | None = None):
+        self.url, self.answers, self.errors, self.tries, self.retries = url, [], [], [], retries
         self.photo, self.truth = quadrants(64, 64)
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
     def _run(self):
         data = png_bytes(self.photo)
-        with httpx.Client(timeout=30) as client:  # a hang would show as a timeout error here
+        upload = {"files": {"image": ("p.png", data, "image/png")}, "params": {"view": "labels"}}
+        # A hang would show as a timeout error here.
+        if self.retries is None:
+            client = httpx.Client(timeout=30)
+            post = functools.partial(client.post, f"{self.url}/segment", **upload)
+        else:
+            client = Client(self.url, timeout=30, retries=self.retries, backoff=0.2, transport=Recording(self.tries))
+            post = functools.partial(client.request, "POST", "/segment", **upload)
+        with client:
             while not self.stop.is_set():
                 try:
-                    r = client.post(f"{self.url}/segment", files={"image": ("p.png", data, "image/png")},
-                                    params={"view": "labels"})
-                except httpx.HTTPError as exc:
+                    r = post()
+                except (httpx.HTTPError, ConnectionFailed) as exc:
                     self.errors.append(repr(exc))
                     continue
                 ok = r.status_code == 200 and np.array_equal(decode_png(r.content), self.truth)
@@ -586,13 +640,23 @@ def test_a_worker_node_lost_under_load(cluster, request):
     """The worker node killed (SIGKILL) under load: requests in flight on it are retried on the head or answer
     503 with Retry-After, none hangs; every request succeeds again within 30 s; Serve replaces the lost replica
     on the head (a replica start takes about 5 s on a quiet machine, over 20 s on this CI box when busy). A build
-    running there as a Ray task (the Ray runner's, pinned to that node) is failed, saying why."""
+    running there as a Ray task (the Ray runner's, pinned to that node) is failed, saying why.
+
+    The fused layout at the same time, through the shipped client retrying once: no ingress of ours stands in
+    front of its replicas, so Serve's proxy answers a request in flight on the lost one (a plain-text 500, which
+    the client retries); none is lost."""
     cluster.wait_ready()
     queue = JobQueue(ControlStore(cluster.tmp / "jobs.db"), OnWorkerNode(cluster.worker_id))
     request.addfinalizer(queue.stop)
     job = queue.run("sleeper", [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(300)"])
-    with Load(cluster.url) as load:
+    cluster.deploy("fusedloss", "/fusedloss", model="rgb", ray_layout="fused", ray_min_replicas=2,
+                   ray_max_replicas=2, ray_model_cpus=0.1, ray_max_replicas_per_node=1,
+                   control_db=cluster.tmp / "fusedloss.db")
+    request.addfinalizer(lambda: serve.delete("fusedloss"))
+    assert cluster.wait_ready("/fusedloss").status_code == 200
+    with Load(cluster.url) as load, Load(f"{cluster.url}/fusedloss", clients=2, retries=1) as fused:
         assert load.wait_for(lambda a: a[5] == cluster.worker_id, 30) is not None, "no request on the worker node"
+        assert fused.wait_for(lambda a: a[5] == cluster.worker_id, 30) is not None, "no fused request on the worker"
         assert wait_until(lambda: "started" in job.progress, 60), job.view()
         killed = time.monotonic()
         cluster.cluster.remove_node(cluster.worker, allow_graceful=False)
@@ -616,6 +680,12 @@ def test_a_worker_node_lost_under_load(cluster, request):
     assert last_failure < 30, f"requests still failing {last_failure:.1f} s after the node was lost"
     print(f"node lost: {len(failed)} of {len(load.answers)} requests answered 503 + Retry-After, the last "
           f"{last_failure:.1f} s after; replica states after the loss: {timeline}")
+    assert not fused.errors, fused.errors[:3]
+    assert fused.answers and all(a[2] for a in fused.answers), Counter(a[1] for a in fused.answers if not a[2])
+    retried = [t for t in fused.tries if t[1] != 200]
+    assert all((t[1] == 503 and t[3]) or (t[1] == 500 and "json" not in t[2]) for t in retried), retried
+    print(f"fused layout: {len(fused.answers)} requests, none lost; {len(retried)} answers retried by the client "
+          f"{Counter((t[1], t[2]) for t in retried)}")
     # The build that ran on the lost node is failed, saying why; never "running" forever.
     assert wait_until(lambda: job.state == "failed", 60), job.view()
     assert "the build's Ray task was lost" in job.error and "queue the build again" in job.error, job.error
@@ -635,7 +705,7 @@ def test_shutdown_leaves_no_process(cluster):
         s.bind(("127.0.0.1", cluster.http_port))
 
 
-@pytest.mark.parametrize("path", ["serve.yaml", "kuberay-rayservice.yaml"])
+@pytest.mark.parametrize("path", ["serve.yaml", "serve-gpu.yaml", "kuberay-rayservice.yaml"])
 def test_serve_configs_build_the_application(path):
     """deploy/serve.yaml and the KubeRay RayService's inline config are valid Serve configs whose import path and
     args build the application, with deployments that exist."""
@@ -649,5 +719,6 @@ def test_serve_configs_build_the_application(path):
         document = yaml.safe_load(document["spec"]["serveConfigV2"])
     (app_config,) = ServeDeploySchema.model_validate(document).applications
     assert app_config.import_path == "app.cluster.deployments:build"
-    assert {d.name for d in app_config.deployments} == {"SegmentIngress", "SegmentModel"}
+    wanted = {"SegmentServer"} if app_config.args.get("ray_layout") == "fused" else {"SegmentIngress", "SegmentModel"}
+    assert {d.name for d in app_config.deployments} == wanted
     assert type(build(app_config.args)).__name__ == "Application"

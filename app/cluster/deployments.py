@@ -12,7 +12,9 @@
   embedded server's worker on Ray (a fraction of a GPU each): no hop between replicas, Serve still places,
   scales, replaces and routes them.
 
-Settings are the service's own (``SEGMENT_*``), passed to every replica through its runtime environment.
+Settings are the service's own (``SEGMENT_*``), given to every replica as an argument (``env_of``) that it puts in
+its environment before it reads them: a Serve config that names ``ray_actor_options`` replaces the options this
+module sets, runtime environment included, but never a replica's arguments.
 """
 
 import asyncio
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import ray
 from pydantic import SecretStr
 from ray import serve
 from ray.util import metrics
@@ -68,8 +71,8 @@ class SegmentModel:
     held one image (58 of 58 at 8 clients on CPU; 16 img/s on the H200 padded to 8 rows each). Ours gathers while
     the model is busy: the next batch is whatever arrived meanwhile."""
 
-    async def __init__(self):
-        s = replica_settings()
+    async def __init__(self, env: dict[str, str]):
+        s = replica_settings(env)
         self.settings, self.repository = s, open_repository(s)
         self.served_by = here()
         # A request waits for its batch in one of these threads: as many as requests the replica takes at once.
@@ -184,11 +187,22 @@ class SegmentModel:
         return infer_with_batch(model.infer, x)
 
 
-def replica_settings() -> Settings:
+def deployed_settings(env: dict[str, str]) -> Settings:
+    """The settings a replica was deployed with (``env``, from :func:`env_of`), put in its environment first so
+    that everything in the replica's process, and the processes it starts, reads the same."""
+    os.environ.update(env)
+    return Settings()
+
+
+def replica_settings(env: dict[str, str]) -> Settings:
     """The settings of a replica that runs models: with ``SEGMENT_ORT_THREADS`` 0, one ONNX Runtime thread per CPU
-    Ray gives it (ONNX Runtime ignores Ray's OMP_* limits and would take every core of the node)."""
-    s = Settings()
-    return s.model_copy(update={"ort_threads": max(1, int(s.ray_model_cpus))}) if s.ort_threads == 0 else s
+    Ray gave it (ONNX Runtime ignores Ray's OMP_* limits and would take every core of the node). Ray's own
+    figure, not ``ray_model_cpus``: a Serve config's ``ray_actor_options`` may have set another."""
+    s = deployed_settings(env)
+    if s.ort_threads:
+        return s
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", s.ray_model_cpus)
+    return s.model_copy(update={"ort_threads": max(1, int(cpus))})
 
 
 def max_ongoing(settings: Settings) -> int:
@@ -204,8 +218,8 @@ def max_ongoing(settings: Settings) -> int:
 class SegmentIngress:
     """The service's own FastAPI app, its models reached through the model deployment."""
 
-    def __init__(self, model):  # the model deployment's handle (bound, so it is part of the application)
-        self.settings = Settings()
+    def __init__(self, model, env: dict[str, str]):  # model: the model deployment's handle (bound)
+        self.settings = deployed_settings(env)
         self.state = ClusterState(self.settings, model)
 
     def __serve_build_asgi_app__(self):  # Serve builds the app on the replica, after __init__
@@ -225,8 +239,8 @@ class SegmentServer:
     """The whole service in one replica, models loaded here (``ray_layout="fused"``): the embedded server's
     worker, placed, scaled and replaced by Serve."""
 
-    def __init__(self):
-        self.settings = replica_settings()
+    def __init__(self, env: dict[str, str]):
+        self.settings = replica_settings(env)
 
     def __serve_build_asgi_app__(self):
         app = create_app(self.settings, ServiceState(self.settings), build_runner=RayRunner())
@@ -254,7 +268,10 @@ def application(settings: Settings, ingress_resources: dict | None = None):
     ``ingress_resources``: custom Ray resources the ingress replicas need (e.g. ``{"head": 0.01}`` keeps them on
     the head node)."""
     s = settings
-    runtime_env = {"env_vars": env_of(s)}
+    env = env_of(s)
+    # Also as the replicas' variables, for what a replica reads when it imports this module (the multiplexed
+    # cache's size, ``ray_models_per_replica``), before its arguments arrive.
+    runtime_env = {"env_vars": env}
     scaling = ({"num_replicas": s.ray_min_replicas} if s.ray_min_replicas == s.ray_max_replicas else
                {"autoscaling_config": {"min_replicas": s.ray_min_replicas, "max_replicas": s.ray_max_replicas,
                                        "target_ongoing_requests": s.ray_target_ongoing_requests}})
@@ -262,13 +279,14 @@ def application(settings: Settings, ingress_resources: dict | None = None):
     if s.ray_max_replicas_per_node:
         scaling["max_replicas_per_node"] = s.ray_max_replicas_per_node
     if s.ray_layout == "fused":
-        return SegmentServer.options(ray_actor_options=runners, max_ongoing_requests=s.max_inflight, **scaling).bind()
+        return SegmentServer.options(ray_actor_options=runners, max_ongoing_requests=s.max_inflight,
+                                     **scaling).bind(env)
     model = SegmentModel.options(ray_actor_options=runners, max_ongoing_requests=max_ongoing(s), **scaling)
     ingress = SegmentIngress.options(
         num_replicas=s.ray_ingress_replicas, max_ongoing_requests=s.max_inflight,
         ray_actor_options={"num_cpus": s.ray_ingress_cpus, "runtime_env": runtime_env,
                            **({"resources": ingress_resources} if ingress_resources else {})})
-    return ingress.bind(model.bind())
+    return ingress.bind(model.bind(env), env)
 
 
 def build(args: dict):
