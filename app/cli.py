@@ -27,7 +27,9 @@ EPILOG = """examples (the seed's three commands work as written, on .onnx files 
 def worker_environment(workers: int):
     """What the server's worker processes read at start-up, set in this process's environment for them to
     inherit: their number, and where Prometheus values are shared (a temporary folder, removed afterwards, unless
-    PROMETHEUS_MULTIPROC_DIR is set)."""
+    PROMETHEUS_MULTIPROC_DIR is set). Both are taken back afterwards: a later child must not be sent to a folder
+    that is gone."""
+    before = {key: os.environ.get(key) for key in ("SEGMENT_WORKERS", "PROMETHEUS_MULTIPROC_DIR")}
     os.environ["SEGMENT_WORKERS"] = str(workers)
     metrics_dir = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -35,6 +37,11 @@ def worker_environment(workers: int):
     try:
         yield
     finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 

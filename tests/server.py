@@ -70,9 +70,14 @@ class Server:
         raise RuntimeError("no VmRSS")
 
     def stop(self) -> bool:
-        """SIGTERM; True when uvicorn shut down gracefully (it re-raises the signal afterwards)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        """SIGTERM; True when uvicorn shut down gracefully (it re-raises the signal afterwards). False, with the
+        log's tail printed, when the server had already stopped by itself (uvicorn's supervisor stops every worker
+        when one fails its start) or did not stop."""
+        if self.proc.poll() is not None:
+            print(f"the server had stopped by itself (exit {self.proc.returncode}); its log's tail:\n"
+                  f"{self.log.read_text(errors='replace')[-4000:]}")
+            return False
+        self.proc.send_signal(signal.SIGTERM)
         try:
             code = self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -3,11 +3,12 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from app.cli import main
+from app.cli import main, worker_environment
 from app.engines import tensorrt_available
 
 from .models import RGB_META, ROOT, decode_png, png_bytes, quadrants, rgb_model
@@ -88,3 +89,17 @@ def test_serve_ray_options_say_what_goes_with_what(tmp_path):
     r = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--ray"], capture_output=True, text=True, cwd=ROOT,
                        timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert r.returncode == 2 and "pip install 'bisenet-serve[cluster]'" in r.stderr
+
+
+def test_worker_environment_is_taken_back(monkeypatch):
+    """The worker processes' variables are set for the context only: afterwards the metrics folder is gone and so
+    is the variable naming it (a later child process would be sent to a missing folder), a prior value is kept."""
+    from app.cli import worker_environment
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.setenv("SEGMENT_WORKERS", "1")
+    with worker_environment(3):
+        shared = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        assert shared.is_dir() and os.environ["SEGMENT_WORKERS"] == "3"
+    assert not shared.exists() and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    assert os.environ["SEGMENT_WORKERS"] == "1"
