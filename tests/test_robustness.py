@@ -138,3 +138,24 @@ def test_arbitrary_bytes_never_crash_the_decoder(data):
         assert exc.status_code in (400, 413, 415) and exc.detail
     else:
         assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+
+
+def test_an_unexpected_failure_is_the_services_json_500_which_the_client_does_not_retry(engines):
+    """A failure no handler expects (a bug, a runtime's error) answers 500 in the service's JSON (``error`` on the
+    v2 routes), not Starlette's plain text: the shipped client retries only a proxy's plain-text 500."""
+    from fastapi.testclient import TestClient
+
+    from app.client.wire import worth_retrying
+
+    def broken():
+        raise RuntimeError("a bug")
+
+    with make_client(engines, "rgb") as c:
+        c.app.add_api_route("/broken", broken)
+        c.app.add_api_route("/v2/broken", broken)
+        raw = TestClient(c.app, raise_server_exceptions=False)
+        r = raw.get("/broken")
+        assert r.status_code == 500 and "RuntimeError" in r.json()["detail"], r.text
+        assert not worth_retrying(r)
+        assert "RuntimeError" in raw.get("/v2/broken").json()["error"]
+        assert c.get("/healthz").status_code == 200  # the service goes on

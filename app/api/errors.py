@@ -27,8 +27,17 @@ async def invalid_options(request: Request, exc: ValidationError) -> JSONRespons
     return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
 
 
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """Anything no other handler answers (a bug, a runtime's failure): still a 500 in the service's own JSON, so a
+    client tells it from a proxy's plain-text 500 (Ray Serve's for a replica lost with its node), which it retries.
+    Starlette logs the traceback after this answer."""
+    return JSONResponse({error_key(request.url.path): f"internal error ({type(exc).__name__}); the server's log has "
+                                                       "the traceback"}, status_code=500)
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
+    app.add_exception_handler(Exception, unexpected_error)
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(OSError, storage_error)
     app.add_exception_handler(sqlite3.OperationalError, storage_error)
