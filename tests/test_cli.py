@@ -94,8 +94,6 @@ def test_serve_ray_options_say_what_goes_with_what(tmp_path):
 def test_worker_environment_is_taken_back(monkeypatch):
     """The worker processes' variables are set for the context only: afterwards the metrics folder is gone and so
     is the variable naming it (a later child process would be sent to a missing folder), a prior value is kept."""
-    from app.cli import worker_environment
-
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     monkeypatch.setenv("SEGMENT_WORKERS", "1")
     with worker_environment(3):

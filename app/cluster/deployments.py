@@ -201,7 +201,7 @@ def replica_settings(env: dict[str, str]) -> Settings:
     s = deployed_settings(env)
     if s.ort_threads:
         return s
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", s.ray_model_cpus)
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)  # none reserved: one thread
     return s.model_copy(update={"ort_threads": max(1, int(cpus))})
 
 
