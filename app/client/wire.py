@@ -74,9 +74,9 @@ def result(response, output: Output, model: str | None):
 
 
 def worth_retrying(response) -> bool:
-    """A refusal another try may not meet: busy or no model yet (502/503/504), or a 500 that is not the service's
-    own answer (no JSON ``detail``): Ray Serve's proxy answers a request whose replica was lost with its node so
-    (the fused layout, docs/ray.md)."""
+    """Whether another try may succeed: busy or no model yet (502/503/504), or a 500 that is not the service's own
+    answer (no JSON ``detail``), as Ray Serve's proxy gives for a request whose replica was lost with its node (the
+    fused layout, docs/ray.md)."""
     code = response.status_code
     return code in RETRY_STATUSES or (code == 500 and "json" not in response.headers.get("content-type", ""))
 
